@@ -1,0 +1,598 @@
+//! Configuration: the TOML file, command-line overrides, and validation into
+//! the runtime [`Config`]. Sits beside the data path, never inside it.
+//!
+//! Values are parsed while deserialising (addresses, durations, networks,
+//! patterns), so a bad value is reported with the file, line and key it came
+//! from. Unknown keys are errors.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+use crate::cidr::Cidr;
+use crate::forward::Engine;
+use crate::route::{AgentInName, NoSni, RouteTable, SniPattern, Target};
+
+/// A configuration that could not be loaded. The message names the file,
+/// the line and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        /// File path.
+        path: String,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// A syntax error, unknown key or bad value.
+    #[error("{path}:{line}: {what}")]
+    Invalid {
+        /// File path (or `<embedded>`).
+        path: String,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong, naming the key.
+        what: String,
+    },
+    /// A problem that is not tied to one line (e.g. no listener at all).
+    #[error("{path}: {what}")]
+    Whole {
+        /// File path.
+        path: String,
+        /// What is wrong.
+        what: String,
+    },
+}
+
+/// Settings of one listener.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// Name used in logs.
+    pub name: String,
+    /// Addresses to bind.
+    pub bind: Vec<SocketAddr>,
+    /// listen(2) backlog.
+    pub backlog: u32,
+    /// Set SO_REUSEPORT (several processes on one port).
+    pub reuse_port: bool,
+    /// Forwarding engine.
+    pub engine: Engine,
+    /// Pipe size for the splice engine, in bytes.
+    pub pipe_size: usize,
+    /// Total time from accept for the ClientHello to arrive.
+    pub hello_timeout: Duration,
+    /// Largest ClientHello handshake message accepted, in bytes.
+    pub hello_max_bytes: usize,
+    /// Time allowed to connect to an agent.
+    pub connect_timeout: Duration,
+    /// Close a connection with no traffic either way for this long (None: never).
+    pub idle_timeout: Option<Duration>,
+    /// TCP keepalive on both legs (None: off).
+    pub keepalive: Option<Keepalive>,
+}
+
+/// TCP keepalive parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Idle time before the first probe.
+    pub time: Duration,
+    /// Time between probes.
+    pub interval: Duration,
+    /// Unanswered probes before the connection is dropped.
+    pub retries: u32,
+}
+
+/// Default keepalive: first probe after 60 s idle, well under the AWS NLB's
+/// 350 s idle timeout, so idle flows stay in the NLB's table.
+pub const DEFAULT_KEEPALIVE: Keepalive = Keepalive {
+    time: Duration::from_secs(60),
+    interval: Duration::from_secs(20),
+    retries: 3,
+};
+
+impl ListenerConfig {
+    /// A listener with default settings.
+    pub fn with_defaults(name: &str, bind: Vec<SocketAddr>) -> Self {
+        ListenerConfig {
+            name: name.to_owned(),
+            bind,
+            backlog: 1024,
+            reuse_port: false,
+            engine: Engine::Splice,
+            pipe_size: 256 * 1024,
+            hello_timeout: Duration::from_secs(10),
+            hello_max_bytes: 16 * 1024,
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Some(Duration::from_secs(3600)),
+            keepalive: Some(DEFAULT_KEEPALIVE),
+        }
+    }
+}
+
+/// The validated configuration the proxy runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listeners.
+    pub listeners: Vec<ListenerConfig>,
+    /// Routes shared by all listeners.
+    pub routes: RouteTable,
+    /// After SIGTERM, how long established connections may continue.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listeners: Vec::new(),
+            routes: RouteTable::new(),
+            drain_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// A command-line `--agent` value: `HOST:PORT` or `PATTERN=HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentArg {
+    /// SNI pattern, or None for the catch-all override.
+    pub pattern: Option<SniPattern>,
+    /// Agent address.
+    pub target: Target,
+}
+
+impl FromStr for AgentArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('=') {
+            Some((p, t)) => Ok(AgentArg {
+                pattern: Some(p.parse()?),
+                target: t.parse()?,
+            }),
+            None => Ok(AgentArg {
+                pattern: None,
+                target: s.parse()?,
+            }),
+        }
+    }
+}
+
+impl Config {
+    /// Load and validate a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: name.clone(),
+            source,
+        })?;
+        Config::parse(&text, &name)
+    }
+
+    /// Parse and validate TOML text; `path` is used in messages.
+    pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Invalid {
+            path: path.to_owned(),
+            line: e.span().map(|s| line_of(text, s.start)).unwrap_or(1),
+            what: describe(text, e.span(), e.message()),
+        })?;
+        let at = |span: Range<usize>, what: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            line: line_of(text, span.start),
+            what: describe(text, Some(span), &what),
+        };
+
+        let mut config = Config::default();
+        if let Some(s) = file.shutdown {
+            config.drain_timeout = s.drain_timeout.0;
+        }
+        for (i, l) in file.listener.into_iter().enumerate() {
+            let name = l.name.unwrap_or_else(|| format!("listener{}", i + 1));
+            if config.listeners.iter().any(|o| o.name == name) {
+                return Err(ConfigError::Whole {
+                    path: path.to_owned(),
+                    what: format!("two listeners are named {name:?}"),
+                });
+            }
+            let bind = l.bind.get_ref().0.clone();
+            if bind.is_empty() {
+                return Err(at(
+                    l.bind.span(),
+                    "key `bind`: at least one address is needed".into(),
+                ));
+            }
+            let mut lc = ListenerConfig::with_defaults(&name, bind);
+            set(&mut lc.backlog, l.backlog);
+            set(&mut lc.reuse_port, l.reuse_port);
+            set(&mut lc.engine, l.engine);
+            if let Some(p) = l.pipe_size {
+                let v = *p.get_ref();
+                if !(4096..=1 << 20).contains(&v) {
+                    return Err(at(
+                        p.span(),
+                        format!("key `pipe_size`: {v} is outside 4096..=1048576"),
+                    ));
+                }
+                lc.pipe_size = v;
+            }
+            if let Some(h) = l.hello_max_bytes {
+                let v = *h.get_ref();
+                if !(512..=1 << 20).contains(&v) {
+                    return Err(at(
+                        h.span(),
+                        format!("key `hello_max_bytes`: {v} is outside 512..=1048576"),
+                    ));
+                }
+                lc.hello_max_bytes = v;
+            }
+            if let Some(d) = l.hello_timeout {
+                if d.get_ref().0.is_zero() {
+                    return Err(at(
+                        d.span(),
+                        "key `hello_timeout`: must be more than 0".into(),
+                    ));
+                }
+                lc.hello_timeout = d.get_ref().0;
+            }
+            if let Some(d) = l.connect_timeout {
+                if d.get_ref().0.is_zero() {
+                    return Err(at(
+                        d.span(),
+                        "key `connect_timeout`: must be more than 0".into(),
+                    ));
+                }
+                lc.connect_timeout = d.get_ref().0;
+            }
+            if let Some(d) = l.idle_timeout {
+                lc.idle_timeout = nonzero(d.0);
+            }
+            if let Some(k) = l.keepalive_time {
+                lc.keepalive = nonzero(k.0).map(|time| Keepalive {
+                    time,
+                    ..DEFAULT_KEEPALIVE
+                });
+            }
+            if let Some(ka) = lc.keepalive.as_mut() {
+                if let Some(i) = l.keepalive_interval {
+                    ka.interval = i.0.max(Duration::from_secs(1));
+                }
+                set(&mut ka.retries, l.keepalive_retries);
+            }
+            config.listeners.push(lc);
+        }
+
+        let mut seen = Vec::new();
+        for r in file.route {
+            let pattern = r.sni.get_ref().0.clone();
+            if seen.contains(&pattern) {
+                return Err(at(
+                    r.sni.span(),
+                    format!("key `sni`: a route for {pattern} is already defined"),
+                ));
+            }
+            seen.push(pattern.clone());
+            config.routes.insert(pattern, r.agent.0);
+        }
+        for a in file.agent_in_name {
+            config.routes.add_agent_in_name(AgentInName {
+                suffix: a.suffix.0 .0,
+                port: a.port.unwrap_or(8443),
+                allow: a.allow.into_iter().map(|c| c.0).collect(),
+            });
+        }
+        if let Some(r) = file.routing {
+            config.routes.set_default(r.default.map(|t| t.0));
+            config.routes.set_no_sni(r.no_sni.unwrap_or_default());
+        }
+        Ok(config)
+    }
+
+    /// Apply command-line overrides: `--listen` replaces the file's
+    /// listeners with one listener named `cli`; `--agent` routes win over
+    /// the file's; `--engine` applies to every listener.
+    pub fn apply_cli(
+        &mut self,
+        listen: &[SocketAddr],
+        agents: &[AgentArg],
+        engine: Option<Engine>,
+    ) {
+        if !listen.is_empty() {
+            self.listeners = vec![ListenerConfig::with_defaults("cli", listen.to_vec())];
+        }
+        for a in agents {
+            match &a.pattern {
+                Some(p) => self.routes.insert(p.clone(), a.target.clone()),
+                None => self.routes.set_override(Some(a.target.clone())),
+            }
+        }
+        if let Some(e) = engine {
+            for l in &mut self.listeners {
+                l.engine = e;
+            }
+        }
+    }
+
+    /// Human-readable summary for `splicegate check`.
+    pub fn summary(&self) -> String {
+        use fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(s, "listeners:");
+        for l in &self.listeners {
+            let binds: Vec<String> = l.bind.iter().map(|b| b.to_string()).collect();
+            let idle = l.idle_timeout.map_or("none".into(), |d| format!("{d:?}"));
+            let _ = writeln!(
+                s,
+                "  {} on {} engine={} hello_timeout={:?} hello_max_bytes={} connect_timeout={:?} idle_timeout={}",
+                l.name,
+                binds.join(", "),
+                l.engine,
+                l.hello_timeout,
+                l.hello_max_bytes,
+                l.connect_timeout,
+                idle
+            );
+        }
+        let _ = writeln!(s, "routes (first match wins):");
+        for (rule, target) in self.routes.describe() {
+            let _ = writeln!(s, "  {rule:<40} -> {target}");
+        }
+        let _ = writeln!(s, "drain_timeout: {:?}", self.drain_timeout);
+        s
+    }
+}
+
+fn set<T>(slot: &mut T, v: Option<T>) {
+    if let Some(v) = v {
+        *slot = v;
+    }
+}
+
+fn nonzero(d: Duration) -> Option<Duration> {
+    (!d.is_zero()).then_some(d)
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.get(..offset)
+        .map_or(1, |t| t.matches('\n').count() + 1)
+}
+
+/// The message, prefixed with the key written on the offending line when
+/// the message does not name one already.
+fn describe(text: &str, span: Option<Range<usize>>, message: &str) -> String {
+    let message = message.trim();
+    if message.contains('`') && message.starts_with("key") {
+        return message.to_owned();
+    }
+    let key = span.and_then(|s| {
+        let start = text.get(..s.start)?.rfind('\n').map_or(0, |i| i + 1);
+        let line = text.get(start..)?.lines().next()?;
+        let (k, _) = line.split_once('=')?;
+        let k = k.trim();
+        (!k.is_empty() && !k.starts_with('[')).then(|| k.to_owned())
+    });
+    match key {
+        Some(k) if !message.contains(&format!("`{k}`")) => format!("key `{k}`: {message}"),
+        _ => message.to_owned(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    listener: Vec<ListenerSection>,
+    #[serde(default)]
+    route: Vec<RouteSection>,
+    #[serde(default)]
+    agent_in_name: Vec<AgentInNameSection>,
+    routing: Option<RoutingSection>,
+    shutdown: Option<ShutdownSection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListenerSection {
+    name: Option<String>,
+    bind: Spanned<OneOrMany>,
+    backlog: Option<u32>,
+    reuse_port: Option<bool>,
+    engine: Option<Engine>,
+    pipe_size: Option<Spanned<usize>>,
+    hello_timeout: Option<Spanned<Dur>>,
+    hello_max_bytes: Option<Spanned<usize>>,
+    connect_timeout: Option<Spanned<Dur>>,
+    idle_timeout: Option<Dur>,
+    keepalive_time: Option<Dur>,
+    keepalive_interval: Option<Dur>,
+    keepalive_retries: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteSection {
+    sni: Spanned<Parsed<SniPattern>>,
+    agent: Parsed<Target>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentInNameSection {
+    suffix: Parsed<Suffix>,
+    port: Option<u16>,
+    allow: Vec<Parsed<Cidr>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoutingSection {
+    default: Option<Parsed<Target>>,
+    no_sni: Option<NoSni>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShutdownSection {
+    drain_timeout: Dur,
+}
+
+/// A value parsed with `FromStr` during deserialisation, so errors carry
+/// the TOML position.
+struct Parsed<T>(T);
+
+impl<'de, T: FromStr<Err = String>> Deserialize<'de> for Parsed<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map(Parsed).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A DNS suffix for agent-in-name routes.
+struct Suffix(String);
+
+impl FromStr for Suffix {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        crate::sniff::normalise_sni(s.as_bytes())
+            .map(Suffix)
+            .ok_or_else(|| format!("`{s}` is not a DNS suffix"))
+    }
+}
+
+/// One address or a list of addresses.
+struct OneOrMany(Vec<SocketAddr>);
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            One(String),
+            Many(Vec<String>),
+        }
+        let list = match Raw::deserialize(d)? {
+            Raw::One(s) => vec![s],
+            Raw::Many(v) => v,
+        };
+        list.iter()
+            .map(|s| {
+                s.parse::<SocketAddr>().map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "`{s}` is not an IP:PORT address (e.g. \"0.0.0.0:8443\" or \"[::]:8443\")"
+                    ))
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map(OneOrMany)
+    }
+}
+
+/// A duration: `"10s"`, `"500ms"`, `"5m"`, `"2h"`, `"0"` or an integer of
+/// seconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Dur(pub Duration);
+
+impl FromStr for Dur {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_duration(s).map(Dur)
+    }
+}
+
+/// Parse `"10s"`, `"500ms"`, `"5m"`, `"2h"`, `"1d"` or `"0"`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let bad = || format!("`{s}` is not a duration (use e.g. \"500ms\", \"10s\", \"5m\", \"2h\")");
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        "d" => Duration::from_secs(n.saturating_mul(86400)),
+        "" if n == 0 => Duration::ZERO,
+        _ => return Err(bad()),
+    };
+    Ok(d)
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(n) => Ok(Dur(Duration::from_secs(n))),
+            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_example_parses() {
+        let text = include_str!("../examples/splicegate.toml");
+        let c = Config::parse(text, "examples/splicegate.toml").unwrap();
+        assert!(!c.listeners.is_empty());
+        let d = c.routes.resolve(Some("agent1.dcv.example")).unwrap();
+        assert_eq!(d.target.to_string(), "10.150.248.180:8443");
+    }
+
+    #[test]
+    fn errors_name_line_and_key() {
+        let text = "[[listener]]\nbind = \"127.0.0.1:0\"\n\n[[route]]\nsni = \"a.example\"\nagent = \"nope\"\n";
+        let e = Config::parse(text, "x.toml").unwrap_err().to_string();
+        assert!(e.starts_with("x.toml:6: key `agent`:"), "{e}");
+        assert!(e.contains("HOST:PORT"), "{e}");
+
+        let text = "[[listener]]\nbind = \"127.0.0.1:0\"\nbogus = 1\n";
+        let e = Config::parse(text, "x.toml").unwrap_err().to_string();
+        assert!(e.starts_with("x.toml:3:") && e.contains("bogus"), "{e}");
+
+        let text = "[[listener]]\nbind = \"127.0.0.1:0\"\nidle_timeout = \"5 parsecs\"\n";
+        let e = Config::parse(text, "x.toml").unwrap_err().to_string();
+        assert!(e.starts_with("x.toml:3: key `idle_timeout`:"), "{e}");
+
+        let text = "[[route]]\nsni = \"a.example\"\nagent = \"127.0.0.1:1\"\n[[route]]\nsni = \"A.example.\"\nagent = \"127.0.0.1:2\"\n";
+        let e = Config::parse(text, "x.toml").unwrap_err().to_string();
+        assert!(
+            e.starts_with("x.toml:5: key `sni`:") && e.contains("already"),
+            "{e}"
+        );
+
+        let text = "[[agent_in_name]]\nsuffix = \"agents.example\"\nallow = [\"10.0.0.1/8\"]\n";
+        let e = Config::parse(text, "x.toml").unwrap_err().to_string();
+        assert!(e.starts_with("x.toml:3: key `allow`:"), "{e}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn cli_overrides() {
+        let mut c = Config::default();
+        let a: AgentArg = "*.x.example=127.0.0.1:9".parse().unwrap();
+        c.apply_cli(&["127.0.0.1:0".parse().unwrap()], &[a], Some(Engine::Copy));
+        assert_eq!(c.listeners[0].name, "cli");
+        assert_eq!(c.listeners[0].engine, Engine::Copy);
+        assert!(c.routes.resolve(Some("d.x.example")).is_ok());
+    }
+}

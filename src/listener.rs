@@ -1,0 +1,86 @@
+//! Listening sockets: socket2 setup and the accept loop.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::conn::{self, ListenerCtx};
+use crate::server::Tracker;
+
+/// Bind a listening socket: SO_REUSEADDR always, SO_REUSEPORT on request,
+/// IPV6_V6ONLY for IPv6 so `[::]:P` and `0.0.0.0:P` can coexist.
+pub fn bind(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.set_cloexec(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(socket.into())
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Accept until `stop` turns true, spawning one task per connection.
+pub async fn serve(
+    listener: TcpListener,
+    ctx: Arc<ListenerCtx>,
+    mut stop: watch::Receiver<bool>,
+    tracker: Tracker,
+) {
+    let mut starved = false;
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = crate::forward::wait_true(&mut stop) => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                if starved {
+                    tracing::info!(listener = %ctx.config.name, "accepting again after resource exhaustion");
+                    starved = false;
+                }
+                let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+                let guard = tracker.enter();
+                let ctx = Arc::clone(&ctx);
+                tokio::spawn(async move {
+                    conn::handle(stream, peer, ctx, id).await;
+                    drop(guard);
+                });
+            }
+            Err(e) if is_exhaustion(&e) => {
+                // Back off instead of spinning: the pending connection stays
+                // in the backlog until an fd frees up. Logged once per episode.
+                if !starved {
+                    tracing::warn!(listener = %ctx.config.name, error = %e, "accept failed: out of file descriptors or memory; backing off");
+                    starved = true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                // Per-connection failures (ECONNABORTED and the like).
+                tracing::debug!(listener = %ctx.config.name, error = %e, "accept failed");
+            }
+        }
+    }
+}
+
+fn is_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc_errno) if [nix::libc::EMFILE, nix::libc::ENFILE, nix::libc::ENOBUFS, nix::libc::ENOMEM].contains(&libc_errno)
+    )
+}

@@ -1,0 +1,146 @@
+//! The `splicegate` command.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use splicegate::config::{AgentArg, Config};
+use splicegate::forward::Engine;
+use splicegate::logging::{self, LogFormat};
+use splicegate::server::Server;
+use tokio::signal::unix::{signal, SignalKind};
+
+/// Layer-4 TLS-SNI splice proxy for Amazon DCV agents.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Log line format (logs go to stderr).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run(RunArgs),
+    /// Validate a config file and print the effective listeners and routes.
+    Check {
+        /// Config file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Start the proxy with two built-in loopback agents and show routing.
+    Demo {
+        /// Proxy address (port 0 picks a free port).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// Forwarding engine.
+        #[arg(long, value_enum, default_value_t = Engine::Splice)]
+        engine: Engine,
+        /// Exit after the sample connections.
+        #[arg(long)]
+        once: bool,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Config file (TOML).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Listen address; replaces the file's listeners. Repeatable.
+    #[arg(long)]
+    listen: Vec<SocketAddr>,
+    /// `HOST:PORT` sends every connection there; `PATTERN=HOST:PORT` adds a
+    /// route for an SNI pattern (`agent1.example`, `*.dcv.example`).
+    /// Repeatable; wins over the file.
+    #[arg(long, value_parser = parse_agent)]
+    agent: Vec<AgentArg>,
+    /// Forwarding engine for every listener.
+    #[arg(long, value_enum)]
+    engine: Option<Engine>,
+}
+
+fn parse_agent(s: &str) -> Result<AgentArg, String> {
+    s.parse()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    let result = match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Run(args) => run(args),
+        Command::Demo {
+            listen,
+            engine,
+            once,
+        } => runtime().and_then(|rt| {
+            rt.block_on(splicegate::demo::run(splicegate::demo::DemoOptions {
+                listen,
+                engine,
+                once,
+            }))
+            .map_err(|e| e.to_string())
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("splicegate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
+fn check(path: &std::path::Path) -> Result<(), String> {
+    let config = Config::load(path).map_err(|e| e.to_string())?;
+    print!("{}", config.summary());
+    println!("{}: OK", path.display());
+    Ok(())
+}
+
+fn run(args: RunArgs) -> Result<(), String> {
+    let mut config = match &args.config {
+        Some(p) => Config::load(p).map_err(|e| e.to_string())?,
+        None => Config::default(),
+    };
+    config.apply_cli(&args.listen, &args.agent, args.engine);
+    runtime()?.block_on(async {
+        let mut term =
+            signal(SignalKind::terminate()).map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+        let mut int =
+            signal(SignalKind::interrupt()).map_err(|e| format!("cannot watch SIGINT: {e}"))?;
+        let server = Server::start(config).map_err(|e| e.to_string())?;
+        let which = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(
+            event = "signal",
+            signal = which,
+            active = server.active(),
+            "shutting down"
+        );
+        // A second signal closes remaining connections at once.
+        server
+            .shutdown(async {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = int.recv() => {},
+                }
+            })
+            .await;
+        Ok(())
+    })
+}

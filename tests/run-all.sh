@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install what the tests need, then run formatting, lint and every test.
+# Needs root (or sudo) for apt-get; run from anywhere.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# Real peers the tests drive: openssl (s_client / s_server), curl, iproute2.
+need=()
+for pkg_cmd in openssl:openssl curl:curl iproute2:ip; do
+  pkg=${pkg_cmd%%:*}; cmd=${pkg_cmd##*:}
+  command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+fi
+rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy
+
+cargo fmt --all -- --check
+cargo clippy --all-targets -- -D warnings
+cargo test --all-targets
