@@ -1,0 +1,190 @@
+//! Shared test harness: run the real `splicegate` binary with JSON logs and
+//! wait on its log events (never on sleeps), plus loopback peers.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// Upper bound for any wait on the proxy; generous for a loaded 2-core CI.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub struct Proxy {
+    child: Option<Child>,
+    events: mpsc::Receiver<Value>,
+    /// Every event seen so far (for failure messages).
+    seen: Vec<Value>,
+    pub addr: SocketAddr,
+    _config: Option<tempfile_lite::TempFile>,
+}
+
+/// Minimal temp file without another dependency.
+pub mod tempfile_lite {
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    pub struct TempFile(pub PathBuf);
+
+    static N: AtomicU32 = AtomicU32::new(0);
+
+    impl TempFile {
+        pub fn new(suffix: &str, contents: &[u8]) -> TempFile {
+            let n = N.fetch_add(1, Ordering::Relaxed);
+            let path = std::env::temp_dir().join(format!(
+                "splicegate-test-{}-{n}{suffix}",
+                std::process::id()
+            ));
+            std::fs::write(&path, contents).expect("write temp file");
+            TempFile(path)
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_splicegate")
+}
+
+impl Proxy {
+    /// Start `splicegate run` with `config` (TOML) and extra args; wait for
+    /// its first `listening` event.
+    pub fn start(config: Option<&str>, args: &[&str]) -> Proxy {
+        let cfg = config.map(|c| tempfile_lite::TempFile::new(".toml", c.as_bytes()));
+        let mut cmd = Command::new(bin());
+        cmd.args(["--log-format", "json", "run"]);
+        if let Some(c) = &cfg {
+            cmd.arg("--config").arg(&c.0);
+        }
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn splicegate");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let v = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| serde_json::json!({ "raw": line }));
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut p = Proxy {
+            child: Some(child),
+            events: rx,
+            seen: Vec::new(),
+            addr: "0.0.0.0:0".parse().unwrap(),
+            _config: cfg,
+        };
+        let ev = p.event("listening", |_| true);
+        p.addr = ev["addr"].as_str().unwrap().parse().unwrap();
+        p
+    }
+
+    /// Wait for the next event named `name` matching `pred`.
+    pub fn event(&mut self, name: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(v) => {
+                    self.seen.push(v.clone());
+                    if v["event"] == name && pred(&v) {
+                        return v;
+                    }
+                }
+                Err(_) => panic!(
+                    "no `{name}` event within {WAIT:?}; events seen:\n{}",
+                    self.dump()
+                ),
+            }
+        }
+    }
+
+    /// Wait for the `closed` event of a connection with this outcome.
+    pub fn closed(&mut self, outcome: &str) -> Value {
+        self.event("closed", |v| v["outcome"] == outcome)
+    }
+
+    fn dump(&self) -> String {
+        self.seen
+            .iter()
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("kill");
+    }
+
+    /// Wait for the process to exit; returns its exit code.
+    pub fn wait_exit(&mut self) -> i32 {
+        let mut child = self.child.take().unwrap();
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            // Drain events so the pipe never blocks the child.
+            while let Ok(v) = self.events.try_recv() {
+                self.seen.push(v);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("splicegate did not exit; events:\n{}", self.dump());
+            }
+            let _ = self
+                .events
+                .recv_timeout(Duration::from_millis(50))
+                .map(|v| self.seen.push(v));
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A blocking TCP client that writes raw bytes.
+pub fn raw_client(addr: SocketAddr, bytes: &[u8]) -> std::net::TcpStream {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to proxy");
+    s.set_nodelay(true).unwrap();
+    s.write_all(bytes).expect("write");
+    s
+}
+
+/// Deterministic payload of `n` bytes.
+pub fn payload(n: usize, seed: u8) -> Vec<u8> {
+    let mut x: u32 = 0x9e37_79b9 ^ u32::from(seed);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
