@@ -1,0 +1,191 @@
+//! The command line: `check`, `demo`, and shutdown on signals.
+
+mod common;
+
+use std::process::Command;
+
+use common::{bin, tempfile_lite::TempFile, Proxy};
+use nix::sys::signal::Signal;
+use splicegate::testkit::{client_config, greet, identity, server_config, Agent};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[test]
+fn check_prints_listeners_and_routes() {
+    let out = Command::new(bin())
+        .args(["check", "--config", "examples/splicegate.toml"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("dcv on 0.0.0.0:8443, [::]:8443 engine=splice"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("exact agent1.dcv.example"), "{stdout}");
+    assert!(stdout.contains("-> 10.150.248.180:8443"), "{stdout}");
+    assert!(
+        stdout.contains("agent-in-name *.agents.dcv.example"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("examples/splicegate.toml: OK"), "{stdout}");
+}
+
+#[test]
+fn check_names_file_line_and_key_of_a_bad_config() {
+    let cases = [
+        (
+            "[[listener]]\nbind = \"0.0.0.0:8443\"\nbaklog = 10\n",
+            ":3:",
+            "unknown field `baklog`",
+        ),
+        (
+            "[[route]]\nsni = \"a.example\"\nagent = \"10.0.0.1\"\n",
+            ":3: key `agent`:",
+            "is not HOST:PORT",
+        ),
+        (
+            "[[listener]]\nbind = \"0.0.0.0:99999\"\n",
+            ":2: key `bind`:",
+            "is not an IP:PORT",
+        ),
+        (
+            "[routing]\nno_sni = \"maybe\"\n",
+            ":2: key `no_sni`:",
+            "unknown variant `maybe`",
+        ),
+        ("[[listener]\n", ":1:", ""),
+    ];
+    for (text, at, what) in cases {
+        let f = TempFile::new(".toml", text.as_bytes());
+        let out = Command::new(bin())
+            .arg("check")
+            .arg("--config")
+            .arg(&f.0)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{text} was accepted");
+        let expect = format!("{}{at}", f.0.display());
+        assert!(stderr.contains(&expect), "{stderr:?} lacks {expect:?}");
+        assert!(stderr.contains(what), "{stderr:?} lacks {what:?}");
+    }
+    let out = Command::new(bin())
+        .args(["check", "--config", "/nonexistent/splicegate.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/nonexistent/splicegate.toml: cannot read")
+    );
+}
+
+#[test]
+fn run_without_listeners_says_how_to_add_one() {
+    let out = Command::new(bin())
+        .args(["run", "--agent", "127.0.0.1:9"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no listener configured"));
+}
+
+#[test]
+fn demo_routes_by_sni_and_exits_with_once() {
+    let out = Command::new(bin())
+        .args(["demo", "--once"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = |sni: &str| {
+        stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(sni))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(
+        line("alpha.demo.splicegate").contains("-> agent alpha (TLS verified"),
+        "{stdout}"
+    );
+    assert!(
+        line("desk1.beta.demo.splicegate").contains("-> agent beta (TLS verified"),
+        "{stdout}"
+    );
+    assert!(
+        line("127-0-0-1.agents.demo.splicegate").contains("-> agent alpha (TLS verified"),
+        "{stdout}"
+    );
+    assert!(
+        line("10-1-2-3.agents.demo.splicegate").contains("refused by the proxy"),
+        "{stdout}"
+    );
+    assert!(
+        line("unknown.example").contains("refused by the proxy"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("500 round trips of 64 bytes"), "{stdout}");
+}
+
+async fn agent_and_proxy(drain: &str) -> (Agent, splicegate::testkit::Identity, Proxy) {
+    let id = identity(&["alpha.test"]).unwrap();
+    let agent = Agent::spawn(
+        "alpha",
+        server_config(&id).unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let cfg = format!(
+        "[[listener]]\nbind = \"127.0.0.1:0\"\n[[route]]\nsni = \"alpha.test\"\nagent = \"{}\"\n[shutdown]\ndrain_timeout = \"{drain}\"\n",
+        agent.addr
+    );
+    let proxy = Proxy::start(Some(&cfg), &[]);
+    (agent, id, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_accepting_and_lets_sessions_finish() {
+    let (_agent, id, mut proxy) = agent_and_proxy("5m").await;
+    let tls = client_config(&[&id], &[]).unwrap();
+    let (_, mut session) = greet(proxy.addr, "alpha.test", tls).await.unwrap();
+    proxy.signal(Signal::SIGTERM);
+    let ev = proxy.event("draining", |_| true);
+    assert_eq!(ev["active"], 1);
+    // New connections are refused: the listening socket is closed.
+    let err = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    // The established session still works.
+    session.write_all(b"during drain").await.unwrap();
+    let mut buf = [0u8; 12];
+    session.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"during drain");
+    session.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    let _ = session.read_to_end(&mut rest).await;
+    proxy.closed("done");
+    assert_eq!(proxy.wait_exit(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_deadline_closes_remaining_sessions_and_exits_zero() {
+    let (_agent, id, mut proxy) = agent_and_proxy("300ms").await;
+    let tls = client_config(&[&id], &[]).unwrap();
+    let (_, mut session) = greet(proxy.addr, "alpha.test", tls).await.unwrap();
+    proxy.signal(Signal::SIGINT);
+    let ev = proxy.closed("drain_deadline");
+    assert_eq!(ev["sni"], "alpha.test");
+    let mut rest = Vec::new();
+    let _ = session.read_to_end(&mut rest).await;
+    assert_eq!(proxy.wait_exit(), 0);
+}
