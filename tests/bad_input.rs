@@ -201,19 +201,6 @@ async fn unreachable_agent_times_out() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unresolvable_agent_name() {
-    let routes = "[[route]]\nsni = \"nowhere.test\"\nagent = \"agent.invalid:8443\"\n";
-    let mut s = setup("", routes).await;
-    s.expect(
-        &client_hello(Some("nowhere.test"), &[], 1 << 14),
-        false,
-        "agent_resolve",
-        "cannot resolve agent agent.invalid:8443",
-    )
-    .await;
-}
-
 /// A loopback listener whose accept queue is full, so further SYNs are
 /// dropped and connects hang: an unreachable agent that stays on loopback.
 fn unresponsive_listener() -> (SocketAddr, Vec<std::net::TcpStream>) {

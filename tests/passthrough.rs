@@ -303,3 +303,25 @@ async fn command_line_agent_overrides_every_route() {
     assert_eq!(ev["route"], "override");
     assert_eq!(ev["sni"], "x.beta.test");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_listener_and_agent_given_by_host_name() {
+    let f = fleet().await;
+    // `localhost` resolves from /etc/hosts (no DNS traffic), possibly to ::1
+    // first, where nothing listens: the next address is tried.
+    let cfg = format!(
+        "[[listener]]\nbind = [\"[::1]:0\"]\n[[route]]\nsni = \"alpha.test\"\nagent = \"localhost:{}\"\n",
+        f.alpha.addr.port()
+    );
+    let mut proxy = Proxy::start(Some(&cfg), &[]);
+    assert!(proxy.addr.is_ipv6());
+    let tls = client_config(&[&f.alpha_id], &[]).unwrap();
+    let (greeting, _s) = greet(proxy.addr, "alpha.test", tls).await.unwrap();
+    assert_eq!(greeting, "agent alpha");
+    let ev = proxy.event("routed", |_| true);
+    assert_eq!(ev["agent"], format!("localhost:{}", f.alpha.addr.port()));
+    assert!(
+        ev["span"]["client"].as_str().unwrap().starts_with("[::1]:"),
+        "{ev}"
+    );
+}
