@@ -100,7 +100,7 @@ async fn serve(
     let hello_wait = started.elapsed();
     let decision = ctx.routes.resolve(hello.sni.as_deref());
     rec.hello = Some(hello);
-    let decision = decision.map_err(|e| ("no_route", format!("route: {e}")))?;
+    let decision = decision.map_err(|e| (e.kind(), format!("route: {e}")))?;
     rec.route = Some(decision.route.to_string());
     rec.agent = Some(decision.target.to_string());
 

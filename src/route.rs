@@ -190,6 +190,17 @@ pub enum RouteError {
     },
 }
 
+impl RouteError {
+    /// Stable short label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RouteError::NoSni(_) => "no_sni",
+            RouteError::NoRoute(_) => "no_route",
+            RouteError::BadAgentLabel { .. } | RouteError::NotAllowed { .. } => "agent_not_allowed",
+        }
+    }
+}
+
 /// The routing table shared by all listeners.
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {

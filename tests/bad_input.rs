@@ -161,7 +161,7 @@ async fn hello_without_sni_is_rejected() {
     s.expect(
         &client_hello(None, &[], 1 << 14),
         false,
-        "no_route",
+        "no_sni",
         "no SNI in ClientHello and no_sni = \"reject\"",
     )
     .await;

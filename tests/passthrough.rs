@@ -261,7 +261,7 @@ async fn agent_in_name_dials_only_allowed_addresses() {
     assert!(greet(proxy.addr, "127-0-0-3.agents.test", tls.clone())
         .await
         .is_err());
-    let ev = proxy.closed("no_route");
+    let ev = proxy.closed("agent_not_allowed");
     assert!(
         ev["reason"]
             .as_str()
@@ -272,7 +272,7 @@ async fn agent_in_name_dials_only_allowed_addresses() {
     assert!(greet(proxy.addr, "127-0-0-003.agents.test", tls)
         .await
         .is_err());
-    let ev = proxy.closed("no_route");
+    let ev = proxy.closed("agent_not_allowed");
     assert!(
         ev["reason"]
             .as_str()
