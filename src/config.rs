@@ -17,6 +17,7 @@ use toml::Spanned;
 
 use crate::cidr::Cidr;
 use crate::forward::Engine;
+use crate::proxy_protocol::Mode as ProxyMode;
 use crate::route::{AgentInName, NoSni, RouteTable, SniPattern, Target};
 
 /// A configuration that could not be loaded. The message names the file,
@@ -76,6 +77,36 @@ pub struct ListenerConfig {
     pub idle_timeout: Option<Duration>,
     /// TCP keepalive on both legs (None: off).
     pub keepalive: Option<Keepalive>,
+    /// PROXY protocol versions expected from trusted peers.
+    pub proxy_protocol: ProxyMode,
+    /// Peers whose PROXY headers are trusted (and required).
+    pub proxy_trusted: Vec<Cidr>,
+    /// VPC endpoint ids allowed on this listener (empty: any).
+    pub allowed_vpce: Vec<String>,
+    /// PROXY header sent to agents.
+    pub send_proxy: SendProxy,
+    /// Pass the received TLVs on to agents (v2 only).
+    pub send_proxy_tlvs: bool,
+}
+
+/// PROXY header sent to agents before the replayed ClientHello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendProxy {
+    /// None.
+    #[default]
+    Off,
+    /// Version 1 (text).
+    V1,
+    /// Version 2 (binary).
+    V2,
+}
+
+/// The admin listener (health and metrics).
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Address to bind.
+    pub bind: SocketAddr,
 }
 
 /// TCP keepalive parameters.
@@ -112,6 +143,11 @@ impl ListenerConfig {
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Some(Duration::from_secs(3600)),
             keepalive: Some(DEFAULT_KEEPALIVE),
+            proxy_protocol: ProxyMode::Off,
+            proxy_trusted: Vec::new(),
+            allowed_vpce: Vec::new(),
+            send_proxy: SendProxy::Off,
+            send_proxy_tlvs: false,
         }
     }
 }
@@ -125,7 +161,16 @@ pub struct Config {
     pub routes: RouteTable,
     /// After SIGTERM, how long established connections may continue.
     pub drain_timeout: Duration,
+    /// After SIGTERM, how long listeners keep accepting while health
+    /// answers 503, so the load balancer notices first.
+    pub drain_grace: Duration,
+    /// The admin listener, if any.
+    pub admin: Option<AdminConfig>,
 }
+
+/// Default drain grace with an admin listener: long enough for an NLB
+/// health check at a 10 s interval to fail twice.
+pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(30);
 
 impl Default for Config {
     fn default() -> Self {
@@ -133,6 +178,8 @@ impl Default for Config {
             listeners: Vec::new(),
             routes: RouteTable::new(),
             drain_timeout: Duration::from_secs(300),
+            drain_grace: Duration::ZERO,
+            admin: None,
         }
     }
 }
@@ -188,8 +235,13 @@ impl Config {
         };
 
         let mut config = Config::default();
+        if let Some(a) = file.admin {
+            config.admin = Some(AdminConfig { bind: a.bind.0 });
+            config.drain_grace = DEFAULT_DRAIN_GRACE;
+        }
         if let Some(s) = file.shutdown {
-            config.drain_timeout = s.drain_timeout.0;
+            set(&mut config.drain_timeout, s.drain_timeout.map(|d| d.0));
+            set(&mut config.drain_grace, s.drain_grace.map(|d| d.0));
         }
         for (i, l) in file.listener.into_iter().enumerate() {
             let name = l.name.unwrap_or_else(|| format!("listener{}", i + 1));
@@ -263,6 +315,22 @@ impl Config {
                 }
                 set(&mut ka.retries, l.keepalive_retries);
             }
+            set(
+                &mut lc.proxy_protocol,
+                l.proxy_protocol.as_ref().map(|p| *p.get_ref()),
+            );
+            lc.proxy_trusted = l.proxy_trusted.into_iter().map(|c| c.0).collect();
+            if let Some(p) = &l.proxy_protocol {
+                if *p.get_ref() != ProxyMode::Off && lc.proxy_trusted.is_empty() {
+                    return Err(at(
+                        p.span(),
+                        "key `proxy_protocol`: also set `proxy_trusted` to the load balancer's networks; headers are accepted only from them".into(),
+                    ));
+                }
+            }
+            lc.allowed_vpce = l.allowed_vpce;
+            set(&mut lc.send_proxy, l.send_proxy);
+            set(&mut lc.send_proxy_tlvs, l.send_proxy_tlvs);
             config.listeners.push(lc);
         }
 
@@ -276,7 +344,9 @@ impl Config {
                 ));
             }
             seen.push(pattern.clone());
-            config.routes.insert(pattern, r.agent.0);
+            config
+                .routes
+                .insert_restricted(pattern, r.agent.0, r.allowed_vpce);
         }
         for a in file.agent_in_name {
             config.routes.add_agent_in_name(AgentInName {
@@ -293,7 +363,8 @@ impl Config {
     }
 
     /// Apply command-line overrides: `--listen` replaces the file's
-    /// listeners with one listener named `cli`; `--agent` routes win over
+    /// listeners with one listener named `cli` that keeps the first file
+    /// listener's settings; `--agent` routes win over
     /// the file's; `--engine` applies to every listener.
     pub fn apply_cli(
         &mut self,
@@ -302,7 +373,17 @@ impl Config {
         engine: Option<Engine>,
     ) {
         if !listen.is_empty() {
-            self.listeners = vec![ListenerConfig::with_defaults("cli", listen.to_vec())];
+            // Keep the first file listener's settings (PROXY protocol,
+            // timeouts, ...) so a production file can be tried on a test
+            // address.
+            let mut l = self
+                .listeners
+                .first()
+                .cloned()
+                .unwrap_or_else(|| ListenerConfig::with_defaults("cli", Vec::new()));
+            l.name = "cli".to_owned();
+            l.bind = listen.to_vec();
+            self.listeners = vec![l];
         }
         for a in agents {
             match &a.pattern {
@@ -336,12 +417,38 @@ impl Config {
                 l.connect_timeout,
                 idle
             );
+            if l.proxy_protocol != ProxyMode::Off {
+                let trusted: Vec<String> = l.proxy_trusted.iter().map(|c| c.to_string()).collect();
+                let _ = writeln!(
+                    s,
+                    "    proxy_protocol={:?} from [{}]",
+                    l.proxy_protocol,
+                    trusted.join(", ")
+                );
+            }
+            if !l.allowed_vpce.is_empty() {
+                let _ = writeln!(s, "    allowed_vpce=[{}]", l.allowed_vpce.join(", "));
+            }
+            if l.send_proxy != SendProxy::Off {
+                let _ = writeln!(
+                    s,
+                    "    send_proxy={:?} tlvs={}",
+                    l.send_proxy, l.send_proxy_tlvs
+                );
+            }
         }
         let _ = writeln!(s, "routes (first match wins):");
         for (rule, target) in self.routes.describe() {
             let _ = writeln!(s, "  {rule:<40} -> {target}");
         }
-        let _ = writeln!(s, "drain_timeout: {:?}", self.drain_timeout);
+        if let Some(a) = &self.admin {
+            let _ = writeln!(s, "admin: http://{}/health and /metrics", a.bind);
+        }
+        let _ = writeln!(
+            s,
+            "drain: grace {:?}, timeout {:?}",
+            self.drain_grace, self.drain_timeout
+        );
         s
     }
 }
@@ -392,6 +499,13 @@ struct FileConfig {
     agent_in_name: Vec<AgentInNameSection>,
     routing: Option<RoutingSection>,
     shutdown: Option<ShutdownSection>,
+    admin: Option<AdminSection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminSection {
+    bind: OneAddr,
 }
 
 #[derive(Deserialize)]
@@ -410,6 +524,13 @@ struct ListenerSection {
     keepalive_time: Option<Dur>,
     keepalive_interval: Option<Dur>,
     keepalive_retries: Option<u32>,
+    proxy_protocol: Option<Spanned<ProxyMode>>,
+    #[serde(default)]
+    proxy_trusted: Vec<Parsed<Cidr>>,
+    #[serde(default)]
+    allowed_vpce: Vec<String>,
+    send_proxy: Option<SendProxy>,
+    send_proxy_tlvs: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -417,6 +538,8 @@ struct ListenerSection {
 struct RouteSection {
     sni: Spanned<Parsed<SniPattern>>,
     agent: Parsed<Target>,
+    #[serde(default)]
+    allowed_vpce: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -437,7 +560,8 @@ struct RoutingSection {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ShutdownSection {
-    drain_timeout: Dur,
+    drain_timeout: Option<Dur>,
+    drain_grace: Option<Dur>,
 }
 
 /// A value parsed with `FromStr` during deserialisation, so errors carry
@@ -460,6 +584,20 @@ impl FromStr for Suffix {
         crate::sniff::normalise_sni(s.as_bytes())
             .map(Suffix)
             .ok_or_else(|| format!("`{s}` is not a DNS suffix"))
+    }
+}
+
+/// One address.
+struct OneAddr(SocketAddr);
+
+impl<'de> Deserialize<'de> for OneAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map(OneAddr).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "`{s}` is not an IP:PORT address (e.g. \"0.0.0.0:8989\")"
+            ))
+        })
     }
 }
 

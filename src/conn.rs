@@ -1,10 +1,12 @@
-//! One client connection, start to finish: sniff the ClientHello, route,
-//! connect, replay the hello, forward, and write the access log.
+//! One client connection, start to finish: PROXY header (from trusted
+//! peers), ClientHello, route, connect, replay, forward, and the access log.
 //!
-//! Each connection runs in one tracing span (`conn`, with id, client and
-//! listener) and writes exactly two access events: `routed` once an agent is
-//! chosen and connected, and `closed` at the end with bytes, duration and
-//! the close reason. Nothing is logged per chunk of data.
+//! Each connection runs in one tracing span `conn{id, peer, client, vpce}`:
+//! `peer` is the TCP peer (the NLB over PrivateLink), `client` the real
+//! client from the PROXY header (or the peer without one) and `vpce` the
+//! PrivateLink endpoint id. It writes exactly two access events: `routed`
+//! once an agent is connected, and `closed` at the end with bytes, duration
+//! and the close reason. Nothing is logged per chunk of data.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,16 +15,18 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tracing::field::Empty;
 use tracing::Instrument;
 
-use crate::config::ListenerConfig;
-use crate::forward::{self, End};
+use crate::config::{ListenerConfig, SendProxy};
+use crate::forward::{self, Counters};
+use crate::metrics::Metrics;
+use crate::proxy_protocol::{self as pp, Command, Header};
 use crate::route::RouteTable;
-use crate::sniff::{self, ClientHello};
+use crate::sniff::{self, ClientHello, SniffError};
 use crate::upstream;
 
 /// What every connection accepted on one listener shares.
-#[derive(Debug)]
 pub struct ListenerCtx {
     /// The listener's settings.
     pub config: ListenerConfig,
@@ -30,6 +34,8 @@ pub struct ListenerCtx {
     pub routes: Arc<RouteTable>,
     /// Turns true when the drain deadline passes.
     pub drain: watch::Receiver<bool>,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<Metrics>,
 }
 
 /// What the access log says about a connection.
@@ -38,20 +44,29 @@ struct Record {
     hello: Option<ClientHello>,
     route: Option<String>,
     agent: Option<String>,
-    to_agent: u64,
-    to_client: u64,
+    counters: Option<Arc<Counters>>,
+    /// A LOCAL header followed by a close: a load-balancer health probe.
+    probe: bool,
 }
+
+/// Failure before forwarding: (short kind, full reason).
+type Refusal = (&'static str, String);
 
 /// Serve one accepted connection to the end.
 pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<ListenerCtx>, id: u64) {
-    let span = tracing::info_span!("conn", id, client = %peer, listener = %ctx.config.name);
+    let span = tracing::info_span!("conn", id, peer = %peer, client = Empty, vpce = Empty, listener = %ctx.config.name);
     async move {
         let started = Instant::now();
+        let name = ctx.config.name.as_str();
+        ctx.metrics.accepted(name);
         let mut rec = Record::default();
-        let (outcome, reason) = match serve(client, &ctx, started, &mut rec).await {
+        let (outcome, reason) = match serve(client, peer, &ctx, started, &mut rec, id).await {
             Ok(end) => (end.kind(), end.to_string()),
-            Err((kind, reason)) => (kind, reason),
+            Err(refusal) => refusal,
         };
+        let route = rec.route.as_deref().unwrap_or("-");
+        let agent = rec.agent.as_deref().unwrap_or("-");
+        ctx.metrics.closed(id, name, route, agent, outcome);
         let sni = rec
             .hello
             .as_ref()
@@ -61,62 +76,168 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<ListenerCtx>, 
             .hello
             .as_ref()
             .map_or_else(|| "-".to_owned(), ClientHello::alpn_display);
-        tracing::info!(
-            event = "closed",
-            sni,
-            alpn = %alpn,
-            route = rec.route.as_deref().unwrap_or("-"),
-            agent = rec.agent.as_deref().unwrap_or("-"),
-            bytes_to_agent = rec.to_agent,
-            bytes_to_client = rec.to_client,
-            duration_ms = started.elapsed().as_millis() as u64,
-            outcome,
-            reason = %reason,
-            "connection closed"
-        );
+        let (to_agent, to_client) = rec.counters.as_ref().map_or((0, 0), |c| {
+            use std::sync::atomic::Ordering::Relaxed;
+            (c.to_agent.load(Relaxed), c.to_client.load(Relaxed))
+        });
+        let duration_ms = started.elapsed().as_millis() as u64;
+        macro_rules! closed {
+            ($level:ident) => {
+                tracing::$level!(
+                    event = "closed",
+                    sni,
+                    alpn = %alpn,
+                    route,
+                    agent,
+                    bytes_to_agent = to_agent,
+                    bytes_to_client = to_client,
+                    duration_ms,
+                    outcome,
+                    reason = %reason,
+                    "connection closed"
+                )
+            };
+        }
+        // Health probes arrive every few seconds per load balancer node;
+        // like HAProxy's `dontlognull` they stay out of the access log.
+        if rec.probe {
+            closed!(debug);
+        } else {
+            closed!(info);
+        }
     }
     .instrument(span)
     .await
 }
 
-/// Failure before forwarding: (short kind, full reason).
-type Refusal = (&'static str, String);
-
 async fn serve(
     mut client: TcpStream,
+    peer: SocketAddr,
     ctx: &ListenerCtx,
     started: Instant,
     rec: &mut Record,
-) -> Result<End, Refusal> {
+    id: u64,
+) -> Result<forward::End, Refusal> {
     let cfg = &ctx.config;
+    let name = cfg.name.as_str();
     if let Err(e) = crate::net::tune(&client, cfg.keepalive) {
         tracing::debug!(error = %e, "cannot set client socket options");
     }
 
-    let (hello, replay) =
-        sniff::read_client_hello(&mut client, started, cfg.hello_timeout, cfg.hello_max_bytes)
-            .await
-            .map_err(|e| (e.kind(), format!("hello: {e}")))?;
+    // PROXY header: required from trusted peers, refused from anyone else.
+    let trusted = cfg.proxy_protocol != pp::Mode::Off
+        && cfg.proxy_trusted.iter().any(|c| c.contains(peer.ip()));
+    let (header, early) = if trusted {
+        match pp::read_header(&mut client, cfg.proxy_protocol, started, cfg.hello_timeout).await {
+            Ok((h, rest)) => {
+                let outcome = match (h.command, h.version) {
+                    (Command::Local, _) => "local",
+                    (_, 1) => "ok_v1",
+                    _ => "ok_v2",
+                };
+                ctx.metrics.proxy_header(name, outcome);
+                (Some(h), rest)
+            }
+            Err(e) => {
+                ctx.metrics.proxy_header(name, e.kind());
+                return Err((proxy_kind(e.kind()), format!("proxy header: {e}")));
+            }
+        }
+    } else {
+        (None, Vec::new())
+    };
+    let real_client = header.as_ref().and_then(|h| h.source).unwrap_or(peer);
+    let vpce = header.as_ref().and_then(|h| h.tlvs.vpce_id.clone());
+    let span = tracing::Span::current();
+    span.record("client", tracing::field::display(real_client));
+    if let Some(v) = &vpce {
+        span.record("vpce", v.as_str());
+    }
+    if !cfg.allowed_vpce.is_empty() && !vpce.as_ref().is_some_and(|v| cfg.allowed_vpce.contains(v))
+    {
+        let seen = vpce
+            .as_deref()
+            .unwrap_or("none: no PROXY v2 header with an AWS endpoint id");
+        return Err((
+            "vpce_not_allowed",
+            format!("vpce: endpoint {seen} is not allowed on this listener"),
+        ));
+    }
+
+    let hello = sniff::read_client_hello(
+        &mut client,
+        early,
+        started,
+        cfg.hello_timeout,
+        cfg.hello_max_bytes,
+    )
+    .await;
+    let (hello, replay) = match hello {
+        Ok(ok) => ok,
+        Err(SniffError::Truncated { received: 0 })
+            if header.as_ref().is_some_and(|h| h.command == Command::Local) =>
+        {
+            rec.probe = true;
+            return Err((
+                "health_probe",
+                "PROXY LOCAL header then close: load balancer health probe".into(),
+            ));
+        }
+        Err(SniffError::ProxyHeader) => {
+            ctx.metrics.hello(name, "proxy_header", None);
+            let why = if header.is_some() {
+                "a second PROXY header follows the first; only the first, from a trusted peer, is honoured".to_owned()
+            } else if cfg.proxy_protocol == pp::Mode::Off {
+                "PROXY header on a listener with proxy_protocol off".to_owned()
+            } else {
+                format!("PROXY header from untrusted source {peer}; see proxy_trusted")
+            };
+            return Err(("proxy_untrusted", format!("proxy header: {why}")));
+        }
+        Err(e) => {
+            ctx.metrics.hello(name, e.kind(), None);
+            return Err((e.kind(), format!("hello: {e}")));
+        }
+    };
     let hello_wait = started.elapsed();
-    let decision = ctx.routes.resolve(hello.sni.as_deref());
+    let hello_outcome = if hello.sni.is_some() { "ok" } else { "no_sni" };
+    ctx.metrics.hello(name, hello_outcome, Some(hello_wait));
+    let decision = ctx
+        .routes
+        .resolve_from(hello.sni.as_deref(), vpce.as_deref());
     rec.hello = Some(hello);
     let decision = decision.map_err(|e| (e.kind(), format!("route: {e}")))?;
     rec.route = Some(decision.route.to_string());
     rec.agent = Some(decision.target.to_string());
 
-    let agent = upstream::connect(&decision.target, cfg.connect_timeout, cfg.keepalive)
+    let mut agent = upstream::connect(&decision.target, cfg.connect_timeout, cfg.keepalive)
         .await
         .map_err(|e| (e.kind(), format!("upstream: {e}")))?;
     let connect_time = started.elapsed() - hello_wait;
-    // Replay every byte read while sniffing before any spliced byte.
-    let mut agent = agent;
-    agent.write_all(&replay).await.map_err(|e| {
-        (
-            "io_error",
-            format!("write to agent failed while replaying the ClientHello: {e}"),
-        )
-    })?;
-    rec.to_agent = replay.len() as u64;
+
+    // PROXY header to the agent, then every byte read while sniffing,
+    // before any spliced byte.
+    let counters = Arc::new(Counters::default());
+    let key = (
+        name.to_owned(),
+        rec.route.clone().unwrap_or_default(),
+        rec.agent.clone().unwrap_or_default(),
+    );
+    ctx.metrics
+        .forwarding(id, key, connect_time, Arc::clone(&counters));
+    rec.counters = Some(Arc::clone(&counters));
+    let out_header = outgoing_header(cfg, header.as_ref(), real_client, &client);
+    for bytes in [out_header.as_slice(), replay.as_slice()] {
+        agent.write_all(bytes).await.map_err(|e| {
+            (
+                "io_error",
+                format!("write to agent failed before forwarding: {e}"),
+            )
+        })?;
+        counters
+            .to_agent
+            .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
     drop(replay);
 
     let hello = rec.hello.as_ref();
@@ -137,8 +258,42 @@ async fn serve(
         idle_timeout: cfg.idle_timeout,
     };
     let mut drain = ctx.drain.clone();
-    let out = forward::run(&client, &agent, opts, &mut drain).await;
-    rec.to_agent += out.to_agent;
-    rec.to_client = out.to_client;
-    Ok(out.end)
+    Ok(forward::run(&client, &agent, opts, &mut drain, &counters).await)
+}
+
+/// Map PROXY read failures to outcome labels distinct from the ClientHello's.
+fn proxy_kind(kind: &'static str) -> &'static str {
+    match kind {
+        "timeout" => "proxy_timeout",
+        "truncated" => "proxy_truncated",
+        "io" => "io",
+        _ => "proxy_invalid",
+    }
+}
+
+/// The PROXY header for the agent: the real client and the address it
+/// connected to (from the received header, else this socket's own).
+fn outgoing_header(
+    cfg: &ListenerConfig,
+    received: Option<&Header>,
+    client: SocketAddr,
+    sock: &TcpStream,
+) -> Vec<u8> {
+    if cfg.send_proxy == SendProxy::Off {
+        return Vec::new();
+    }
+    let dst = received
+        .and_then(|h| h.destination)
+        .or_else(|| sock.local_addr().ok())
+        .unwrap_or(client);
+    match cfg.send_proxy {
+        SendProxy::V1 => pp::encode_v1(client, dst),
+        _ => {
+            let tlvs = match received {
+                Some(h) if cfg.send_proxy_tlvs => h.tlvs.raw.as_slice(),
+                _ => &[],
+            };
+            pp::encode_v2(client, dst, tlvs, false)
+        }
+    }
 }

@@ -2,14 +2,17 @@
 //! an AWS Network Load Balancer.
 //!
 //! A connection's way through the crate follows the data:
-//! [`listener`] (accept) → [`sniff`] (ClientHello, SNI) → [`route`] (pure
-//! name → agent) → [`upstream`] (connect) → [`forward`] (splice or copy)
-//! with [`conn`] tying the steps together and writing the access log.
-//! [`config`] parses and validates the file and command line beside that
-//! path; [`server`] starts listeners and drains on shutdown.
+//! [`listener`] (accept) → [`proxy_protocol`] (PROXY header from the NLB) →
+//! [`sniff`] (ClientHello, SNI) → [`route`] (pure name → agent) →
+//! [`upstream`] (connect) → [`forward`] (splice or copy), with [`conn`]
+//! tying the steps together and writing the access log, and [`metrics`]
+//! counting. [`config`] parses and validates the file and command line
+//! beside that path; [`server`] starts listeners and drains on shutdown;
+//! [`admin`] serves health and metrics; [`notify`] talks to systemd.
 
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod cidr;
 pub mod config;
 pub mod conn;
@@ -17,7 +20,10 @@ pub mod demo;
 pub mod forward;
 pub mod listener;
 pub mod logging;
+pub mod metrics;
 pub mod net;
+pub mod notify;
+pub mod proxy_protocol;
 pub mod route;
 pub mod server;
 pub mod sniff;

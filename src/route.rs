@@ -178,6 +178,15 @@ pub enum RouteError {
         /// The matching suffix.
         suffix: String,
     },
+    /// The route is restricted to VPC endpoints and this connection came
+    /// from another one (or carried no endpoint id).
+    #[error("route {route} does not allow VPC endpoint {}", vpce.as_deref().unwrap_or("(none: no PROXY header with an AWS endpoint id)"))]
+    VpceNotAllowed {
+        /// The matching route.
+        route: String,
+        /// The connection's endpoint id.
+        vpce: Option<String>,
+    },
     /// The address encoded in the name is outside the allow list.
     #[error("SNI {sni:?} names agent {addr}, which is outside the allowed networks of {suffix:?}")]
     NotAllowed {
@@ -197,6 +206,7 @@ impl RouteError {
             RouteError::NoSni(_) => "no_sni",
             RouteError::NoRoute(_) => "no_route",
             RouteError::BadAgentLabel { .. } | RouteError::NotAllowed { .. } => "agent_not_allowed",
+            RouteError::VpceNotAllowed { .. } => "vpce_not_allowed",
         }
     }
 }
@@ -210,6 +220,8 @@ pub struct RouteTable {
     agent_in_name: Vec<AgentInName>,
     default: Option<Target>,
     no_sni: NoSni,
+    /// VPC endpoint ids allowed per exact name or wildcard suffix.
+    vpce: HashMap<SniPattern, Vec<String>>,
 }
 
 impl RouteTable {
@@ -224,6 +236,22 @@ impl RouteTable {
             SniPattern::Exact(n) => self.exact.insert(n, target),
             SniPattern::Wildcard(s) => self.wildcard.insert(s, target),
         };
+    }
+
+    /// Add or replace a route usable only from the given VPC endpoints
+    /// (empty: from anywhere).
+    pub fn insert_restricted(
+        &mut self,
+        pattern: SniPattern,
+        target: Target,
+        allowed_vpce: Vec<String>,
+    ) {
+        if allowed_vpce.is_empty() {
+            self.vpce.remove(&pattern);
+        } else {
+            self.vpce.insert(pattern.clone(), allowed_vpce);
+        }
+        self.insert(pattern, target);
     }
 
     /// Add an agent-in-name suffix.
@@ -285,6 +313,30 @@ impl RouteTable {
         };
         out.push(("no SNI".to_owned(), no_sni.to_owned()));
         out
+    }
+
+    /// Choose the agent for a normalised SNI, then check the route's VPC
+    /// endpoint restriction against the connection's endpoint id.
+    pub fn resolve_from(
+        &self,
+        sni: Option<&str>,
+        vpce: Option<&str>,
+    ) -> Result<Decision, RouteError> {
+        let d = self.resolve(sni)?;
+        let pattern = match &d.route {
+            RouteKind::Exact(n) => SniPattern::Exact(n.clone()),
+            RouteKind::Wildcard(s) => SniPattern::Wildcard(s.clone()),
+            _ => return Ok(d),
+        };
+        match self.vpce.get(&pattern) {
+            Some(allowed) if !vpce.is_some_and(|v| allowed.iter().any(|a| a == v)) => {
+                Err(RouteError::VpceNotAllowed {
+                    route: d.route.to_string(),
+                    vpce: vpce.map(str::to_owned),
+                })
+            }
+            _ => Ok(d),
+        }
     }
 
     /// Choose the agent for a normalised SNI (see [`crate::sniff::normalise_sni`]).
@@ -441,6 +493,25 @@ mod tests {
         assert!(r.resolve(None).is_err());
         r.set_override(Some(t("127.0.0.1:1")));
         assert_eq!(r.resolve(None).unwrap().route, RouteKind::Override);
+    }
+
+    #[test]
+    fn vpce_restricted_route() {
+        let mut r = table();
+        r.insert_restricted(
+            "agent1.dcv.example".parse().unwrap(),
+            t("10.0.0.1:8443"),
+            vec!["vpce-1".into()],
+        );
+        assert!(r
+            .resolve_from(Some("agent1.dcv.example"), Some("vpce-1"))
+            .is_ok());
+        assert!(matches!(
+            r.resolve_from(Some("agent1.dcv.example"), Some("vpce-2")),
+            Err(RouteError::VpceNotAllowed { .. })
+        ));
+        assert!(r.resolve_from(Some("agent1.dcv.example"), None).is_err());
+        assert!(r.resolve_from(Some("x.dcv.example"), None).is_ok());
     }
 
     #[test]

@@ -13,6 +13,8 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::conn::ListenerCtx;
 use crate::listener;
+use crate::metrics::Metrics;
+use crate::notify;
 
 /// The proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -87,15 +89,36 @@ pub struct Server {
     drain: watch::Sender<bool>,
     tracker: Tracker,
     accept_loops: Vec<JoinHandle<()>>,
+    background: Vec<JoinHandle<()>>,
     drain_timeout: Duration,
+    drain_grace: Duration,
+    metrics: Arc<Metrics>,
+    admin: Option<SocketAddr>,
 }
 
 impl Server {
     /// Bind every listener and start accepting. Must run inside a Tokio
-    /// runtime. Logs one `listening` event per bound address.
+    /// runtime. Logs one `listening` event per bound address and tells
+    /// systemd `READY=1` (when run under it).
     pub fn start(config: Config) -> Result<Server, StartError> {
         if config.listeners.is_empty() {
             return Err(StartError::NoListeners);
+        }
+        let metrics = Arc::new(Metrics::default());
+        let mut background = Vec::new();
+        let mut admin = None;
+        if let Some(a) = &config.admin {
+            let bind_err = |source| StartError::Bind {
+                listener: "admin".into(),
+                addr: a.bind,
+                source,
+            };
+            let sock = listener::bind(a.bind, 128, false).map_err(bind_err)?;
+            let l = TcpListener::from_std(sock).map_err(bind_err)?;
+            let local = l.local_addr().map_err(bind_err)?;
+            tracing::info!(event = "listening", listener = "admin", addr = %local, "admin listening: /health and /metrics");
+            admin = Some(local);
+            background.push(tokio::spawn(crate::admin::serve(l, Arc::clone(&metrics))));
         }
         let routes = Arc::new(config.routes);
         let (stop, stop_rx) = watch::channel(false);
@@ -134,6 +157,7 @@ impl Server {
                 config: l,
                 routes: Arc::clone(&routes),
                 drain: drain_rx.clone(),
+                metrics: Arc::clone(&metrics),
             });
             accept_loops.push(tokio::spawn(listener::serve(
                 listener,
@@ -142,14 +166,32 @@ impl Server {
                 tracker.clone(),
             )));
         }
+        notify::notify("READY=1");
+        if let Some(period) = notify::watchdog_interval() {
+            background.push(tokio::spawn(notify::watchdog(period)));
+        }
         Ok(Server {
             addrs,
             stop,
             drain,
             tracker,
             accept_loops,
+            background,
             drain_timeout: config.drain_timeout,
+            drain_grace: config.drain_grace,
+            metrics,
+            admin,
         })
+    }
+
+    /// The admin listener's address, if configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Bound addresses, by listener name.
@@ -162,20 +204,38 @@ impl Server {
         self.tracker.active()
     }
 
-    /// Stop accepting, let established connections finish until the drain
-    /// deadline (or until `force` resolves), then close what is left.
+    /// The drain sequence for load-balancer deregistration:
+    /// 1. health turns 503 and systemd is told `STOPPING=1`;
+    /// 2. listeners keep accepting for the drain grace, so the load
+    ///    balancer's health checks notice before connections are refused;
+    /// 3. listeners close;
+    /// 4. established connections run until they end or the drain deadline
+    ///    passes (or `force` resolves), then the rest are closed.
     pub async fn shutdown(self, force: impl std::future::Future<Output = ()>) {
+        tokio::pin!(force);
+        self.metrics.set_draining();
+        notify::notify("STOPPING=1");
+        let mut forced = false;
+        if !self.drain_grace.is_zero() {
+            tracing::info!(event = "drain_grace", grace = ?self.drain_grace, active = self.tracker.active(), "health now answers 503; still accepting during the grace period");
+            tokio::select! {
+                _ = tokio::time::sleep(self.drain_grace) => {}
+                _ = &mut force => forced = true,
+            }
+        }
         let _ = self.stop.send(true);
         for h in self.accept_loops {
             let _ = h.await;
         }
         let active = self.tracker.active();
         tracing::info!(event = "draining", active, drain_timeout = ?self.drain_timeout, "stopped accepting; draining established connections");
-        let finished = tokio::select! {
-            _ = self.tracker.wait_idle() => true,
-            _ = tokio::time::sleep(self.drain_timeout) => false,
-            _ = force => false,
-        };
+        let finished = forced
+            || tokio::select! {
+                _ = self.tracker.wait_idle() => true,
+                _ = tokio::time::sleep(self.drain_timeout) => false,
+                _ = &mut force => false,
+            };
+        let finished = finished && self.tracker.active() == 0;
         if !finished {
             let left = self.tracker.active();
             tracing::warn!(
@@ -186,6 +246,9 @@ impl Server {
             let _ = self.drain.send(true);
             // Each connection ends within one scheduling round once told.
             let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait_idle()).await;
+        }
+        for h in self.background {
+            h.abort();
         }
         tracing::info!(event = "stopped", "all connections closed");
     }

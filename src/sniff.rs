@@ -92,6 +92,9 @@ pub enum SniffError {
     /// The socket failed while reading.
     #[error("read error while waiting for the ClientHello: {0}")]
     Io(String),
+    /// A PROXY protocol header arrived where a ClientHello was expected.
+    #[error("a PROXY protocol header where a ClientHello was expected")]
+    ProxyHeader,
 }
 
 impl SniffError {
@@ -104,6 +107,7 @@ impl SniffError {
             SniffError::Truncated { .. } => "truncated",
             SniffError::Malformed(_) => "malformed",
             SniffError::Io(_) => "io",
+            SniffError::ProxyHeader => "proxy_header",
         }
     }
 }
@@ -151,6 +155,9 @@ impl HelloParser {
     pub fn advance(&mut self, buf: &[u8]) -> Result<Progress, SniffError> {
         if self.consumed == 0 {
             check_first_bytes(buf)?;
+            if crate::proxy_protocol::header_start(buf).is_some() {
+                return Ok(Progress::Incomplete);
+            }
         }
         loop {
             let rest = &buf[self.consumed..];
@@ -245,6 +252,11 @@ fn check_first_bytes(buf: &[u8]) -> Result<(), SniffError> {
     let Some(&first) = buf.first() else {
         return Ok(());
     };
+    match crate::proxy_protocol::header_start(buf) {
+        Some(true) => return Err(SniffError::ProxyHeader),
+        Some(false) => return Ok(()),
+        None => {}
+    }
     if first == CONTENT_HANDSHAKE {
         if let Some(&major) = buf.get(1) {
             if major != 3 {
@@ -348,19 +360,27 @@ fn parse_alpn(data: &[u8]) -> Result<Vec<String>, SniffError> {
 
 /// Read from `stream` until a complete ClientHello is buffered.
 ///
-/// Returns the hello and every byte read (to be replayed to the agent).
+/// `buf` holds bytes already read (what followed a PROXY header); the hello
+/// starts at its beginning. Returns the hello and every byte of the hello
+/// and after it read so far (to be replayed to the agent).
 /// `deadline` bounds the total time, not each read, so a client trickling
 /// one byte at a time cannot hold the connection open past it.
 pub async fn read_client_hello<S: AsyncRead + Unpin>(
     stream: &mut S,
+    mut buf: Vec<u8>,
     started: Instant,
     timeout: Duration,
     cap: usize,
 ) -> Result<(ClientHello, Vec<u8>), SniffError> {
     let mut parser = HelloParser::new(cap);
     let raw_limit = HelloParser::raw_limit(cap);
-    let mut buf: Vec<u8> = Vec::with_capacity(2048);
+    buf.reserve(2048);
     let work = async {
+        if !buf.is_empty() {
+            if let Progress::Done(hello) = parser.advance(&buf)? {
+                return Ok(hello);
+            }
+        }
         loop {
             if buf.len() >= raw_limit {
                 return Err(SniffError::TooLarge {

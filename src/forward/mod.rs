@@ -133,44 +133,39 @@ impl fmt::Display for End {
     }
 }
 
-/// What forwarding did.
-#[derive(Debug)]
-pub struct Outcome {
-    /// Bytes written to the agent (not counting the replayed hello).
-    pub to_agent: u64,
+/// Bytes moved by one connection, updated by the pumps with relaxed atomic
+/// adds and read by the access log, the idle watchdog and `/metrics`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Bytes written to the agent.
+    pub to_agent: AtomicU64,
     /// Bytes written to the client.
-    pub to_client: u64,
-    /// Why it ended.
-    pub end: End,
+    pub to_client: AtomicU64,
 }
 
-/// Forward until the connection ends. `drain` turning true ends it at once.
+/// Forward until the connection ends, counting into `counters`. `drain`
+/// turning true ends it at once.
 pub async fn run(
     client: &TcpStream,
     agent: &TcpStream,
     opts: Options,
     drain: &mut watch::Receiver<bool>,
-) -> Outcome {
-    let up = AtomicU64::new(0);
-    let down = AtomicU64::new(0);
+    counters: &Counters,
+) -> End {
+    let (up, down) = (&counters.to_agent, &counters.to_client);
     let pumps = async {
         tokio::try_join!(
-            pump(opts, client, agent, (Side::Client, Side::Agent), &up),
-            pump(opts, agent, client, (Side::Agent, Side::Client), &down),
+            pump(opts, client, agent, (Side::Client, Side::Agent), up),
+            pump(opts, agent, client, (Side::Agent, Side::Client), down),
         )
     };
-    let end = tokio::select! {
+    tokio::select! {
         r = pumps => match r {
             Ok(_) => End::Done,
             Err(e) => End::Failed(e),
         },
-        d = idle(opts.idle_timeout, &up, &down) => End::Idle(d),
+        d = idle(opts.idle_timeout, up, down) => End::Idle(d),
         _ = wait_true(drain) => End::Drained,
-    };
-    Outcome {
-        to_agent: up.load(Ordering::Relaxed),
-        to_client: down.load(Ordering::Relaxed),
-        end,
     }
 }
 

@@ -20,6 +20,8 @@ pub struct Proxy {
     /// Every event seen so far (for failure messages).
     seen: Vec<Value>,
     pub addr: SocketAddr,
+    /// The admin listener's address, when one is configured.
+    pub admin: Option<SocketAddr>,
     _config: Option<tempfile_lite::TempFile>,
 }
 
@@ -59,12 +61,18 @@ impl Proxy {
     /// Start `splicegate run` with `config` (TOML) and extra args; wait for
     /// its first `listening` event.
     pub fn start(config: Option<&str>, args: &[&str]) -> Proxy {
+        Proxy::start_with_env(config, args, &[])
+    }
+
+    /// Like [`Proxy::start`], with extra environment variables.
+    pub fn start_with_env(config: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Proxy {
         let cfg = config.map(|c| tempfile_lite::TempFile::new(".toml", c.as_bytes()));
         let mut cmd = Command::new(bin());
         cmd.args(["--log-format", "json", "run"]);
         if let Some(c) = &cfg {
             cmd.arg("--config").arg(&c.0);
         }
+        cmd.envs(env.iter().copied());
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -87,10 +95,16 @@ impl Proxy {
             events: rx,
             seen: Vec::new(),
             addr: "0.0.0.0:0".parse().unwrap(),
+            admin: None,
             _config: cfg,
         };
-        let ev = p.event("listening", |_| true);
+        let ev = p.event("listening", |v| v["listener"] != "admin");
         p.addr = ev["addr"].as_str().unwrap().parse().unwrap();
+        p.admin = p
+            .seen
+            .iter()
+            .find(|v| v["event"] == "listening" && v["listener"] == "admin")
+            .map(|v| v["addr"].as_str().unwrap().parse().unwrap());
         p
     }
 
@@ -187,4 +201,45 @@ pub fn payload(n: usize, seed: u8) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// A plain TCP agent that reports the first `want` bytes of each connection
+/// on a channel, then holds the connection open and echoes anything after.
+pub async fn recording_agent(
+    want: usize,
+) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut got = vec![0u8; want];
+                if s.read_exact(&mut got).await.is_err() {
+                    return;
+                }
+                let _ = tx.send(got);
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    if s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// `curl` a URL; returns (status code, body). Panics if curl is missing.
+pub fn curl(url: &str) -> (u16, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}", url])
+        .output()
+        .expect("curl (tests/run-all.sh installs it)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
 }

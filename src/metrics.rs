@@ -1,0 +1,332 @@
+//! Counters and histograms for the admin listener's `/metrics`, in the
+//! Prometheus text format.
+//!
+//! Updates happen per connection (accept, sniff outcome, routing, close),
+//! under one mutex. Bytes of live connections are not copied here per chunk:
+//! the registry keeps a handle on each connection's own [`Counters`], which
+//! the forwarders update with relaxed atomic adds, and sums them at scrape
+//! time.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+use crate::forward::Counters;
+
+/// (listener, route, agent).
+type RouteKey = (String, String, String);
+
+/// Histogram bucket bounds, in seconds.
+const BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+struct Hist {
+    h: Histogram<u64>,
+    sum_us: u64,
+}
+
+impl Hist {
+    fn new() -> Hist {
+        Hist {
+            // Auto-resizing, 3 significant digits, in microseconds.
+            h: Histogram::new(3).expect("3 significant digits is valid"),
+            sum_us: 0,
+        }
+    }
+
+    fn record(&mut self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
+        if self.h.record(us).is_ok() {
+            self.sum_us = self.sum_us.saturating_add(us);
+        }
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    accepted: BTreeMap<String, u64>,
+    active: BTreeMap<String, u64>,
+    closed: BTreeMap<(String, String, String, &'static str), u64>,
+    bytes: BTreeMap<RouteKey, [u64; 2]>,
+    hello: BTreeMap<(String, &'static str), u64>,
+    proxy: BTreeMap<(String, &'static str), u64>,
+    connect: Option<Hist>,
+    hello_wait: Option<Hist>,
+    live: HashMap<u64, (RouteKey, Arc<Counters>)>,
+}
+
+/// The registry shared by listeners, connections and the admin listener.
+#[derive(Default)]
+pub struct Metrics {
+    draining: AtomicBool,
+    inner: Mutex<Inner>,
+}
+
+impl Metrics {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave counters invalid.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Mark the process as draining (health turns 503).
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Whether the process is draining.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// A connection was accepted.
+    pub fn accepted(&self, listener: &str) {
+        let mut g = self.lock();
+        *g.accepted.entry(listener.to_owned()).or_default() += 1;
+        *g.active.entry(listener.to_owned()).or_default() += 1;
+    }
+
+    /// Outcome of reading the PROXY header (`ok_v1`, `ok_v2`, `local`, or
+    /// an error kind).
+    pub fn proxy_header(&self, listener: &str, outcome: &'static str) {
+        *self
+            .lock()
+            .proxy
+            .entry((listener.to_owned(), outcome))
+            .or_default() += 1;
+    }
+
+    /// Outcome of sniffing (`ok`, `no_sni`, or an error kind) and, when a
+    /// hello arrived, how long it took from accept.
+    pub fn hello(&self, listener: &str, outcome: &'static str, wait: Option<Duration>) {
+        let mut g = self.lock();
+        *g.hello.entry((listener.to_owned(), outcome)).or_default() += 1;
+        if let Some(w) = wait {
+            g.hello_wait.get_or_insert_with(Hist::new).record(w);
+        }
+    }
+
+    /// A connection to an agent was made in `took`; its bytes are counted
+    /// live from `counters` until [`Metrics::closed`].
+    pub fn forwarding(&self, id: u64, key: RouteKey, took: Duration, counters: Arc<Counters>) {
+        let mut g = self.lock();
+        g.connect.get_or_insert_with(Hist::new).record(took);
+        g.live.insert(id, (key, counters));
+    }
+
+    /// A connection ended.
+    pub fn closed(&self, id: u64, listener: &str, route: &str, agent: &str, outcome: &'static str) {
+        let mut g = self.lock();
+        if let Some((key, c)) = g.live.remove(&id) {
+            let b = g.bytes.entry(key).or_default();
+            b[0] += c.to_agent.load(Ordering::Relaxed);
+            b[1] += c.to_client.load(Ordering::Relaxed);
+        }
+        *g.closed
+            .entry((
+                listener.to_owned(),
+                route.to_owned(),
+                agent.to_owned(),
+                outcome,
+            ))
+            .or_default() += 1;
+        if let Some(a) = g.active.get_mut(listener) {
+            *a = a.saturating_sub(1);
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let g = self.lock();
+        let mut out = String::new();
+        let o = &mut out;
+        header(o, "splicegate_build_info", "gauge", "Build information.");
+        let _ = writeln!(
+            o,
+            "splicegate_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        header(
+            o,
+            "splicegate_draining",
+            "gauge",
+            "1 while the process drains for shutdown.",
+        );
+        let _ = writeln!(o, "splicegate_draining {}", u8::from(self.draining()));
+
+        header(
+            o,
+            "splicegate_connections_accepted_total",
+            "counter",
+            "Connections accepted.",
+        );
+        for (l, v) in &g.accepted {
+            let _ = writeln!(
+                o,
+                "splicegate_connections_accepted_total{{listener=\"{}\"}} {v}",
+                esc(l)
+            );
+        }
+        header(
+            o,
+            "splicegate_connections_active",
+            "gauge",
+            "Connections open now.",
+        );
+        for (l, v) in &g.active {
+            let _ = writeln!(
+                o,
+                "splicegate_connections_active{{listener=\"{}\"}} {v}",
+                esc(l)
+            );
+        }
+        header(
+            o,
+            "splicegate_connections_closed_total",
+            "counter",
+            "Connections closed, by route, agent and outcome.",
+        );
+        for ((l, r, a, oc), v) in &g.closed {
+            let _ = writeln!(
+                o,
+                "splicegate_connections_closed_total{{listener=\"{}\",route=\"{}\",agent=\"{}\",outcome=\"{oc}\"}} {v}",
+                esc(l),
+                esc(r),
+                esc(a)
+            );
+        }
+        let mut bytes = g.bytes.clone();
+        for (key, c) in g.live.values() {
+            let b = bytes.entry(key.clone()).or_default();
+            b[0] += c.to_agent.load(Ordering::Relaxed);
+            b[1] += c.to_client.load(Ordering::Relaxed);
+        }
+        for (i, (name, help)) in [
+            (
+                "splicegate_bytes_to_agent_total",
+                "Bytes sent to agents, live connections included.",
+            ),
+            (
+                "splicegate_bytes_to_client_total",
+                "Bytes sent to clients, live connections included.",
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            header(o, name, "counter", help);
+            for ((l, r, a), b) in &bytes {
+                let _ = writeln!(
+                    o,
+                    "{name}{{listener=\"{}\",route=\"{}\",agent=\"{}\"}} {}",
+                    esc(l),
+                    esc(r),
+                    esc(a),
+                    b[i]
+                );
+            }
+        }
+        header(
+            o,
+            "splicegate_client_hello_total",
+            "counter",
+            "ClientHello outcomes.",
+        );
+        for ((l, oc), v) in &g.hello {
+            let _ = writeln!(
+                o,
+                "splicegate_client_hello_total{{listener=\"{}\",outcome=\"{oc}\"}} {v}",
+                esc(l)
+            );
+        }
+        header(
+            o,
+            "splicegate_proxy_header_total",
+            "counter",
+            "PROXY protocol header outcomes.",
+        );
+        for ((l, oc), v) in &g.proxy {
+            let _ = writeln!(
+                o,
+                "splicegate_proxy_header_total{{listener=\"{}\",outcome=\"{oc}\"}} {v}",
+                esc(l)
+            );
+        }
+        histogram(
+            o,
+            "splicegate_agent_connect_seconds",
+            "Time to connect to an agent.",
+            g.connect.as_ref(),
+        );
+        histogram(
+            o,
+            "splicegate_client_hello_wait_seconds",
+            "Time from accept to a complete ClientHello.",
+            g.hello_wait.as_ref(),
+        );
+        out
+    }
+}
+
+fn header(o: &mut String, name: &str, ty: &str, help: &str) {
+    let _ = writeln!(o, "# HELP {name} {help}");
+    let _ = writeln!(o, "# TYPE {name} {ty}");
+}
+
+fn histogram(o: &mut String, name: &str, help: &str, h: Option<&Hist>) {
+    header(o, name, "histogram", help);
+    let (count, sum) = h.map_or((0, 0), |h| (h.h.len(), h.sum_us));
+    for le in BUCKETS {
+        let n = h.map_or(0, |h| h.h.count_between(0, (le * 1e6) as u64));
+        let _ = writeln!(o, "{name}_bucket{{le=\"{le}\"}} {n}");
+    }
+    let _ = writeln!(o, "{name}_bucket{{le=\"+Inf\"}} {count}");
+    let _ = writeln!(o, "{name}_sum {}", sum as f64 / 1e6);
+    let _ = writeln!(o, "{name}_count {count}");
+}
+
+/// Escape a label value.
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_live_bytes_and_histograms() {
+        let m = Metrics::default();
+        m.accepted("dcv");
+        m.hello("dcv", "ok", Some(Duration::from_micros(300)));
+        let c = Arc::new(Counters::default());
+        let key = (
+            "dcv".to_owned(),
+            "exact:a".to_owned(),
+            "10.0.0.1:8443".to_owned(),
+        );
+        m.forwarding(7, key, Duration::from_millis(2), Arc::clone(&c));
+        c.to_client.fetch_add(1000, Ordering::Relaxed);
+        let text = m.render();
+        assert!(
+            text.contains("splicegate_connections_active{listener=\"dcv\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("splicegate_bytes_to_client_total{listener=\"dcv\",route=\"exact:a\",agent=\"10.0.0.1:8443\"} 1000"));
+        assert!(text.contains("splicegate_agent_connect_seconds_bucket{le=\"0.001\"} 0"));
+        assert!(text.contains("splicegate_agent_connect_seconds_bucket{le=\"0.0025\"} 1"));
+        m.closed(7, "dcv", "exact:a", "10.0.0.1:8443", "done");
+        let text = m.render();
+        assert!(text.contains("splicegate_connections_active{listener=\"dcv\"} 0"));
+        assert!(text.contains("outcome=\"done\"} 1"));
+        assert!(text.contains("agent=\"10.0.0.1:8443\"} 1000"));
+        assert_eq!(esc("a\"b"), "a\\\"b");
+    }
+}
