@@ -22,7 +22,7 @@ use crate::config::{ListenerConfig, SendProxy};
 use crate::forward::{self, Counters};
 use crate::metrics::Metrics;
 use crate::proxy_protocol::{self as pp, Command, Header};
-use crate::route::RouteTable;
+use crate::server::SharedRoutes;
 use crate::sniff::{self, ClientHello, SniffError};
 use crate::upstream;
 
@@ -30,8 +30,8 @@ use crate::upstream;
 pub struct ListenerCtx {
     /// The listener's settings.
     pub config: ListenerConfig,
-    /// The routing table.
-    pub routes: Arc<RouteTable>,
+    /// The routing table (replaced on reload).
+    pub routes: Arc<SharedRoutes>,
     /// Turns true when the drain deadline passes.
     pub drain: watch::Receiver<bool>,
     /// Counters for `/metrics`.
@@ -204,6 +204,7 @@ async fn serve(
     ctx.metrics.hello(name, hello_outcome, Some(hello_wait));
     let decision = ctx
         .routes
+        .current()
         .resolve_from(hello.sni.as_deref(), vpce.as_deref());
     rec.hello = Some(hello);
     let decision = decision.map_err(|e| (e.kind(), format!("route: {e}")))?;

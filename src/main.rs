@@ -110,21 +110,31 @@ fn check(path: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
-fn run(args: RunArgs) -> Result<(), String> {
+fn load(args: &RunArgs) -> Result<Config, String> {
     let mut config = match &args.config {
         Some(p) => Config::load(p).map_err(|e| e.to_string())?,
         None => Config::default(),
     };
     config.apply_cli(&args.listen, &args.agent, args.engine);
+    Ok(config)
+}
+
+fn run(args: RunArgs) -> Result<(), String> {
+    let config = load(&args)?;
     runtime()?.block_on(async {
         let mut term =
             signal(SignalKind::terminate()).map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
         let mut int =
             signal(SignalKind::interrupt()).map_err(|e| format!("cannot watch SIGINT: {e}"))?;
+        let mut hup =
+            signal(SignalKind::hangup()).map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
         let server = Server::start(config).map_err(|e| e.to_string())?;
-        let which = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
+        let which = loop {
+            tokio::select! {
+                _ = term.recv() => break "SIGTERM",
+                _ = int.recv() => break "SIGINT",
+                _ = hup.recv() => reload(&args, &server),
+            }
         };
         tracing::info!(
             event = "signal",
@@ -132,7 +142,7 @@ fn run(args: RunArgs) -> Result<(), String> {
             active = server.active(),
             "shutting down"
         );
-        // A second signal closes remaining connections at once.
+        // A second SIGTERM or SIGINT closes remaining connections at once.
         server
             .shutdown(async {
                 tokio::select! {
@@ -143,4 +153,24 @@ fn run(args: RunArgs) -> Result<(), String> {
             .await;
         Ok(())
     })
+}
+
+/// SIGHUP: re-read the file and swap the routing table for new
+/// connections. Established sessions keep their agents. Listener, admin and
+/// shutdown settings need a restart. A bad file keeps the running table.
+fn reload(args: &RunArgs, server: &Server) {
+    match load(args) {
+        Ok(config) => {
+            let rules = config.routes.describe().len();
+            server.reload_routes(config.routes);
+            tracing::info!(
+                event = "reloaded",
+                rules,
+                "routes reloaded; listener settings take effect on restart"
+            );
+        }
+        Err(e) => {
+            tracing::error!(event = "reload_failed", error = %e, "reload failed; keeping the running routes")
+        }
+    }
 }

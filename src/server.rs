@@ -15,6 +15,7 @@ use crate::conn::ListenerCtx;
 use crate::listener;
 use crate::metrics::Metrics;
 use crate::notify;
+use crate::route::RouteTable;
 
 /// The proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +33,29 @@ pub enum StartError {
         /// OS error.
         source: std::io::Error,
     },
+}
+
+/// The routing table, replaceable while the proxy runs. Each connection
+/// takes the current table once, when its ClientHello is complete, so a
+/// reload never disturbs established sessions.
+#[derive(Debug, Default)]
+pub struct SharedRoutes(std::sync::RwLock<Arc<RouteTable>>);
+
+impl SharedRoutes {
+    /// A holder with `table` as the current table.
+    pub fn new(table: RouteTable) -> Self {
+        SharedRoutes(std::sync::RwLock::new(Arc::new(table)))
+    }
+
+    /// The current table.
+    pub fn current(&self) -> Arc<RouteTable> {
+        Arc::clone(&self.0.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Make `table` current for new connections.
+    pub fn replace(&self, table: RouteTable) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+    }
 }
 
 /// Counts live connections so shutdown can wait for them.
@@ -94,6 +118,7 @@ pub struct Server {
     drain_grace: Duration,
     metrics: Arc<Metrics>,
     admin: Option<SocketAddr>,
+    routes: Arc<SharedRoutes>,
 }
 
 impl Server {
@@ -120,7 +145,7 @@ impl Server {
             admin = Some(local);
             background.push(tokio::spawn(crate::admin::serve(l, Arc::clone(&metrics))));
         }
-        let routes = Arc::new(config.routes);
+        let routes = Arc::new(SharedRoutes::new(config.routes));
         let (stop, stop_rx) = watch::channel(false);
         let (drain, drain_rx) = watch::channel(false);
         let tracker = Tracker::default();
@@ -181,7 +206,13 @@ impl Server {
             drain_grace: config.drain_grace,
             metrics,
             admin,
+            routes,
         })
+    }
+
+    /// Replace the routing table for new connections (SIGHUP reload).
+    pub fn reload_routes(&self, table: RouteTable) {
+        self.routes.replace(table);
     }
 
     /// The admin listener's address, if configured.

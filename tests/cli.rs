@@ -189,3 +189,47 @@ async fn drain_deadline_closes_remaining_sessions_and_exits_zero() {
     let _ = session.read_to_end(&mut rest).await;
     assert_eq!(proxy.wait_exit(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_swaps_routes_without_touching_established_sessions() {
+    let id = identity(&["alpha.test"]).unwrap();
+    let local = "127.0.0.1:0".parse().unwrap();
+    let one = Agent::spawn("one", server_config(&id).unwrap(), local)
+        .await
+        .unwrap();
+    let two = Agent::spawn("two", server_config(&id).unwrap(), local)
+        .await
+        .unwrap();
+    let cfg = |agent: std::net::SocketAddr| {
+        format!("[[listener]]\nbind = \"127.0.0.1:0\"\n[[route]]\nsni = \"alpha.test\"\nagent = \"{agent}\"\n")
+    };
+    let mut proxy = Proxy::start(Some(&cfg(one.addr)), &[]);
+    let tls = client_config(&[&id], &[]).unwrap();
+    let (greeting, mut old) = greet(proxy.addr, "alpha.test", tls.clone()).await.unwrap();
+    assert_eq!(greeting, "agent one");
+
+    std::fs::write(proxy.config_path(), cfg(two.addr)).unwrap();
+    proxy.signal(Signal::SIGHUP);
+    proxy.event("reloaded", |_| true);
+    let (greeting, _new) = greet(proxy.addr, "alpha.test", tls.clone()).await.unwrap();
+    assert_eq!(greeting, "agent two");
+    old.write_all(b"old session").await.unwrap();
+    let mut buf = [0u8; 11];
+    old.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"old session");
+
+    // A broken file is refused and the running routes stay.
+    std::fs::write(
+        proxy.config_path(),
+        "[[route]]\nsni = \"alpha.test\"\nagent = \"nowhere\"\n",
+    )
+    .unwrap();
+    proxy.signal(Signal::SIGHUP);
+    let ev = proxy.event("reload_failed", |_| true);
+    assert!(
+        ev["error"].as_str().unwrap().contains(":3: key `agent`"),
+        "{ev}"
+    );
+    let (greeting, _again) = greet(proxy.addr, "alpha.test", tls).await.unwrap();
+    assert_eq!(greeting, "agent two");
+}

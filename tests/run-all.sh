@@ -6,15 +6,24 @@ cd "$(dirname "$0")/.."
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
-# Real peers the tests drive: openssl (s_client / s_server), curl, iproute2.
+# Real peers the tests drive: openssl (s_client / s_server), curl, HAProxy
+# (a real PROXY v2 sender), systemd-analyze (unit verification), iproute2.
 need=()
-for pkg_cmd in openssl:openssl curl:curl iproute2:ip; do
+for pkg_cmd in openssl:openssl curl:curl haproxy:haproxy systemd:systemd-analyze iproute2:ip; do
   pkg=${pkg_cmd%%:*}; cmd=${pkg_cmd##*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
   as_root apt-get update -qq
+  # Keep package scripts from starting services (HAProxy's default config).
+  own_policy=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | as_root tee /usr/sbin/policy-rc.d >/dev/null
+    as_root chmod +x /usr/sbin/policy-rc.d
+    own_policy=1
+  fi
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+  [ "$own_policy" = 1 ] && as_root rm -f /usr/sbin/policy-rc.d
 fi
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy
 

@@ -141,6 +141,11 @@ impl Proxy {
             .join("\n")
     }
 
+    /// The config file the proxy was started with.
+    pub fn config_path(&self) -> &std::path::Path {
+        &self._config.as_ref().expect("started with a config").0
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.as_ref().unwrap().id() as i32
     }
