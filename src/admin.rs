@@ -10,18 +10,20 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::metrics::Metrics;
+use crate::server::SharedRoutes;
 
 const MAX_REQUEST: usize = 8192;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serve until the task is dropped.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, routes: Arc<SharedRoutes>) {
     loop {
         match listener.accept().await {
             Ok((s, _)) => {
                 let m = Arc::clone(&metrics);
+                let r = Arc::clone(&routes);
                 tokio::spawn(async move {
-                    let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(s, &m)).await;
+                    let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(s, &m, &r)).await;
                 });
             }
             Err(e) => {
@@ -32,7 +34,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     }
 }
 
-async fn answer(mut s: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+async fn answer(mut s: TcpStream, metrics: &Metrics, routes: &SharedRoutes) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
         if buf.len() >= MAX_REQUEST || s.read_buf(&mut buf).await? == 0 {
@@ -74,14 +76,9 @@ async fn answer(mut s: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
         }
         "/health" => respond(&mut s, head, "200 OK", "text/plain", "ok\n").await,
         "/metrics" => {
-            respond(
-                &mut s,
-                head,
-                "200 OK",
-                "text/plain; version=0.0.4",
-                &metrics.render(),
-            )
-            .await
+            let mut text = metrics.render();
+            crate::upstream::pool::render_metrics(&routes.current().pools, &mut text);
+            respond(&mut s, head, "200 OK", "text/plain; version=0.0.4", &text).await
         }
         _ => {
             respond(

@@ -19,6 +19,7 @@ use crate::cidr::Cidr;
 use crate::forward::Engine;
 use crate::proxy_protocol::Mode as ProxyMode;
 use crate::route::{AgentInName, NoSni, RouteTable, SniPattern, Target};
+use crate::upstream::pool::{AgentConfig, CheckKind, HealthConfig, Passive, Policy, PoolConfig};
 
 /// A configuration that could not be loaded. The message names the file,
 /// the line and the key.
@@ -166,6 +167,20 @@ pub struct Config {
     pub drain_grace: Duration,
     /// The admin listener, if any.
     pub admin: Option<AdminConfig>,
+    /// Agent pools routes can refer to.
+    pub pools: Vec<PoolConfig>,
+    /// Connection limits.
+    pub limits: Limits,
+}
+
+/// Connection limits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once across all listeners (None: unlimited).
+    /// Beyond it new connections wait in the kernel's backlog.
+    pub max_connections: Option<usize>,
+    /// Connections open at once per real client IP (None: unlimited).
+    pub max_per_client: Option<usize>,
 }
 
 /// Default drain grace with an admin listener: long enough for an NLB
@@ -180,6 +195,8 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(300),
             drain_grace: Duration::ZERO,
             admin: None,
+            pools: Vec::new(),
+            limits: Limits::default(),
         }
     }
 }
@@ -334,6 +351,99 @@ impl Config {
             config.listeners.push(lc);
         }
 
+        if let Some(l) = file.limits {
+            config.limits = Limits {
+                max_connections: l.max_connections.filter(|&n| n > 0),
+                max_per_client: l.max_per_client.filter(|&n| n > 0),
+            };
+        }
+        for p in file.pool {
+            let name = p.name.get_ref().clone();
+            if config.pools.iter().any(|o| o.name == name) {
+                return Err(at(
+                    p.name.span(),
+                    format!("key `name`: two pools are named {name:?}"),
+                ));
+            }
+            if p.agents.is_empty() {
+                return Err(at(
+                    p.name.span(),
+                    format!("pool {name:?} has no agents: add [[pool.agents]] tables"),
+                ));
+            }
+            if p.agents.iter().all(|a| a.weight == Some(0)) {
+                return Err(at(
+                    p.name.span(),
+                    format!("pool {name:?}: every agent has weight 0, so none can be chosen"),
+                ));
+            }
+            let agents: Vec<AgentConfig> = p
+                .agents
+                .into_iter()
+                .map(|a| AgentConfig {
+                    target: a.addr.0,
+                    weight: a.weight.unwrap_or(1),
+                    backup: a.backup.unwrap_or(false),
+                    max_conns: a.max_conns.filter(|&n| n > 0),
+                })
+                .collect();
+            let health = match p.health {
+                None => None,
+                Some(h) => {
+                    let kind = match h.check.as_deref().unwrap_or("tcp") {
+                        "tcp" => CheckKind::Tcp,
+                        "tls" => CheckKind::Tls,
+                        "https" => CheckKind::Https {
+                            path: h.path.unwrap_or_else(|| "/".to_owned()),
+                            status: h.status.unwrap_or(200),
+                        },
+                        other => {
+                            return Err(at(
+                                p.name.span(),
+                                format!(
+                                "pool {name:?}: health check `{other}` is not tcp, tls or https"
+                            ),
+                            ))
+                        }
+                    };
+                    Some(HealthConfig {
+                        kind,
+                        interval: h.interval.map_or(Duration::from_secs(5), |d| {
+                            d.0.max(Duration::from_millis(10))
+                        }),
+                        timeout: h.timeout.map_or(Duration::from_secs(2), |d| {
+                            d.0.max(Duration::from_millis(10))
+                        }),
+                        rise: h.rise.unwrap_or(2).max(1),
+                        fall: h.fall.unwrap_or(3).max(1),
+                        sni: h.sni,
+                    })
+                }
+            };
+            let n = agents.len();
+            config.pools.push(PoolConfig {
+                name,
+                policy: p.policy.unwrap_or_default(),
+                passive: Passive {
+                    max_fails: p.max_fails.unwrap_or(3),
+                    fail_window: p.fail_window.map_or(Duration::from_secs(30), |d| d.0),
+                    fail_timeout: p.fail_timeout.map_or(Duration::from_secs(30), |d| d.0),
+                },
+                health,
+                attempts: p.attempts.unwrap_or(n.min(3)).clamp(1, n),
+                agents,
+            });
+        }
+        let pool_target =
+            |name: &Spanned<String>, config: &Config| -> Result<Target, ConfigError> {
+                let n = name.get_ref();
+                if config.pools.iter().any(|p| &p.name == n) {
+                    Ok(Target::Pool(n.clone()))
+                } else {
+                    Err(at(name.span(), format!("no pool is named {n:?}")))
+                }
+            };
+
         let mut seen = Vec::new();
         for r in file.route {
             let pattern = r.sni.get_ref().0.clone();
@@ -344,9 +454,19 @@ impl Config {
                 ));
             }
             seen.push(pattern.clone());
+            let target = match (r.agent, &r.pool) {
+                (Some(a), None) => a.0,
+                (None, Some(p)) => pool_target(p, &config)?,
+                _ => {
+                    return Err(at(
+                        r.sni.span(),
+                        format!("route {pattern}: give exactly one of `agent` or `pool`"),
+                    ))
+                }
+            };
             config
                 .routes
-                .insert_restricted(pattern, r.agent.0, r.allowed_vpce);
+                .insert_restricted(pattern, target, r.allowed_vpce);
         }
         for a in file.agent_in_name {
             config.routes.add_agent_in_name(AgentInName {
@@ -356,7 +476,18 @@ impl Config {
             });
         }
         if let Some(r) = file.routing {
-            config.routes.set_default(r.default.map(|t| t.0));
+            let default = match (r.default, &r.default_pool) {
+                (Some(_), Some(p)) => {
+                    return Err(at(
+                        p.span(),
+                        "give `default` or `default_pool`, not both".into(),
+                    ));
+                }
+                (Some(a), None) => Some(a.0),
+                (None, Some(p)) => Some(pool_target(p, &config)?),
+                (None, None) => None,
+            };
+            config.routes.set_default(default);
             config.routes.set_no_sni(r.no_sni.unwrap_or_default());
         }
         Ok(config)
@@ -441,6 +572,35 @@ impl Config {
         for (rule, target) in self.routes.describe() {
             let _ = writeln!(s, "  {rule:<40} -> {target}");
         }
+        if !self.pools.is_empty() {
+            let _ = writeln!(s, "pools:");
+        }
+        for p in &self.pools {
+            let health = p.health.as_ref().map_or("none".to_owned(), |h| {
+                format!(
+                    "{:?} every {:?} rise {} fall {}",
+                    h.kind, h.interval, h.rise, h.fall
+                )
+            });
+            let _ = writeln!(
+                s,
+                "  {} policy={} attempts={} max_fails={} fail_timeout={:?} health={}",
+                p.name, p.policy, p.attempts, p.passive.max_fails, p.passive.fail_timeout, health
+            );
+            for a in &p.agents {
+                let max = a
+                    .max_conns
+                    .map_or(String::new(), |m| format!(" max_conns={m}"));
+                let backup = if a.backup { " backup" } else { "" };
+                let _ = writeln!(s, "    {} weight={}{backup}{max}", a.target, a.weight);
+            }
+        }
+        if let Some(n) = self.limits.max_connections {
+            let _ = writeln!(s, "max_connections: {n}");
+        }
+        if let Some(n) = self.limits.max_per_client {
+            let _ = writeln!(s, "max_per_client: {n}");
+        }
         if let Some(a) = &self.admin {
             let _ = writeln!(s, "admin: http://{}/health and /metrics", a.bind);
         }
@@ -500,6 +660,52 @@ struct FileConfig {
     routing: Option<RoutingSection>,
     shutdown: Option<ShutdownSection>,
     admin: Option<AdminSection>,
+    #[serde(default)]
+    pool: Vec<PoolSection>,
+    limits: Option<LimitsSection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsSection {
+    max_connections: Option<usize>,
+    max_per_client: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PoolSection {
+    name: Spanned<String>,
+    policy: Option<Policy>,
+    #[serde(default)]
+    agents: Vec<PoolAgentSection>,
+    attempts: Option<usize>,
+    max_fails: Option<u32>,
+    fail_window: Option<Dur>,
+    fail_timeout: Option<Dur>,
+    health: Option<HealthSection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PoolAgentSection {
+    addr: Parsed<Target>,
+    weight: Option<u32>,
+    backup: Option<bool>,
+    max_conns: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HealthSection {
+    check: Option<String>,
+    interval: Option<Dur>,
+    timeout: Option<Dur>,
+    rise: Option<u32>,
+    fall: Option<u32>,
+    path: Option<String>,
+    status: Option<u16>,
+    sni: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -537,7 +743,8 @@ struct ListenerSection {
 #[serde(deny_unknown_fields)]
 struct RouteSection {
     sni: Spanned<Parsed<SniPattern>>,
-    agent: Parsed<Target>,
+    agent: Option<Parsed<Target>>,
+    pool: Option<Spanned<String>>,
     #[serde(default)]
     allowed_vpce: Vec<String>,
 }
@@ -554,6 +761,7 @@ struct AgentInNameSection {
 #[serde(deny_unknown_fields)]
 struct RoutingSection {
     default: Option<Parsed<Target>>,
+    default_pool: Option<Spanned<String>>,
     no_sni: Option<NoSni>,
 }
 

@@ -20,8 +20,10 @@ use tracing::Instrument;
 
 use crate::config::{ListenerConfig, SendProxy};
 use crate::forward::{self, Counters};
+use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::proxy_protocol::{self as pp, Command, Header};
+use crate::route::Target;
 use crate::server::SharedRoutes;
 use crate::sniff::{self, ClientHello, SniffError};
 use crate::upstream;
@@ -36,6 +38,8 @@ pub struct ListenerCtx {
     pub drain: watch::Receiver<bool>,
     /// Counters for `/metrics`.
     pub metrics: Arc<Metrics>,
+    /// Connection limits.
+    pub limits: Arc<Limits>,
 }
 
 /// What the access log says about a connection.
@@ -164,6 +168,16 @@ async fn serve(
         ));
     }
 
+    let _client_slot = ctx.limits.enter_client(real_client.ip()).map_err(|n| {
+        (
+            "client_limit",
+            format!(
+                "limits: client {} already has {n} connections (max_per_client)",
+                real_client.ip()
+            ),
+        )
+    })?;
+
     let hello = sniff::read_client_hello(
         &mut client,
         early,
@@ -202,18 +216,39 @@ async fn serve(
     let hello_wait = started.elapsed();
     let hello_outcome = if hello.sni.is_some() { "ok" } else { "no_sni" };
     ctx.metrics.hello(name, hello_outcome, Some(hello_wait));
-    let decision = ctx
-        .routes
-        .current()
+    let routing = ctx.routes.current();
+    let decision = routing
+        .table
         .resolve_from(hello.sni.as_deref(), vpce.as_deref());
     rec.hello = Some(hello);
     let decision = decision.map_err(|e| (e.kind(), format!("route: {e}")))?;
     rec.route = Some(decision.route.to_string());
     rec.agent = Some(decision.target.to_string());
 
-    let mut agent = upstream::connect(&decision.target, cfg.connect_timeout, cfg.keepalive)
-        .await
-        .map_err(|e| (e.kind(), format!("upstream: {e}")))?;
+    // Direct agent, or the pool's choice with retries before the first
+    // byte: the client sees nothing until an agent accepts.
+    let (mut agent, _slot, attempt) = match &decision.target {
+        Target::Pool(name) => {
+            let Some(pool) = routing.pools.get(name).cloned() else {
+                return Err(("no_route", format!("route: pool {name} does not exist")));
+            };
+            drop(routing);
+            let c = pool
+                .connect(real_client.ip(), cfg.connect_timeout, cfg.keepalive)
+                .await
+                .map_err(|e| (e.kind(), format!("upstream: {e}")))?;
+            rec.agent = Some(c.slot.agent().name.clone());
+            (c.stream, Some(c.slot), c.attempt)
+        }
+        target => {
+            let target = target.clone();
+            drop(routing);
+            let s = upstream::connect(&target, cfg.connect_timeout, cfg.keepalive)
+                .await
+                .map_err(|e| (e.kind(), format!("upstream: {e}")))?;
+            (s, None, 1)
+        }
+    };
     let connect_time = started.elapsed() - hello_wait;
 
     // PROXY header to the agent, then every byte read while sniffing,
@@ -248,6 +283,7 @@ async fn serve(
         alpn = %hello.map_or_else(|| "-".to_owned(), ClientHello::alpn_display),
         route = rec.route.as_deref().unwrap_or("-"),
         agent = rec.agent.as_deref().unwrap_or("-"),
+        attempt,
         hello_us = hello_wait.as_micros() as u64,
         connect_us = connect_time.as_micros() as u64,
         "connection routed"

@@ -18,6 +18,7 @@ pub mod config;
 pub mod conn;
 pub mod demo;
 pub mod forward;
+pub mod limits;
 pub mod listener;
 pub mod logging;
 pub mod metrics;

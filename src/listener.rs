@@ -41,7 +41,15 @@ pub async fn serve(
     tracker: Tracker,
 ) {
     let mut starved = false;
+    let mut full = false;
     loop {
+        // Take a global connection permit before accepting: at the cap, new
+        // connections wait in the kernel's backlog.
+        let permit = tokio::select! {
+            biased;
+            _ = crate::forward::wait_true(&mut stop) => break,
+            p = ctx.limits.admit(&mut full) => p,
+        };
         let accepted = tokio::select! {
             biased;
             _ = crate::forward::wait_true(&mut stop) => break,
@@ -50,7 +58,7 @@ pub async fn serve(
         match accepted {
             Ok((stream, peer)) => {
                 if starved {
-                    tracing::info!(listener = %ctx.config.name, "accepting again after resource exhaustion");
+                    tracing::info!(event = "accept_recovered", listener = %ctx.config.name, "accepting again after resource exhaustion");
                     starved = false;
                 }
                 let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
@@ -59,13 +67,14 @@ pub async fn serve(
                 tokio::spawn(async move {
                     conn::handle(stream, peer, ctx, id).await;
                     drop(guard);
+                    drop(permit);
                 });
             }
             Err(e) if is_exhaustion(&e) => {
                 // Back off instead of spinning: the pending connection stays
                 // in the backlog until an fd frees up. Logged once per episode.
                 if !starved {
-                    tracing::warn!(listener = %ctx.config.name, error = %e, "accept failed: out of file descriptors or memory; backing off");
+                    tracing::warn!(event = "accept_exhausted", listener = %ctx.config.name, error = %e, "accept failed: out of file descriptors or memory; backing off");
                     starved = true;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;

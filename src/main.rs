@@ -162,7 +162,7 @@ fn reload(args: &RunArgs, server: &Server) {
     match load(args) {
         Ok(config) => {
             let rules = config.routes.describe().len();
-            server.reload_routes(config.routes);
+            server.reload_routes(config.routes, &config.pools);
             tracing::info!(
                 event = "reloaded",
                 rules,

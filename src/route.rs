@@ -31,6 +31,8 @@ pub enum Target {
         /// TCP port.
         port: u16,
     },
+    /// A named pool of agents; the agent is chosen at connect time.
+    Pool(String),
 }
 
 impl fmt::Display for Target {
@@ -38,6 +40,7 @@ impl fmt::Display for Target {
         match self {
             Target::Addr(a) => write!(f, "{a}"),
             Target::Host { name, port } => write!(f, "{name}:{port}"),
+            Target::Pool(p) => write!(f, "pool:{p}"),
         }
     }
 }

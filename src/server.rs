@@ -16,6 +16,9 @@ use crate::listener;
 use crate::metrics::Metrics;
 use crate::notify;
 use crate::route::RouteTable;
+use crate::upstream::health;
+use crate::upstream::pool::{Pool, PoolConfig};
+use std::collections::HashMap;
 
 /// The proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -35,26 +38,59 @@ pub enum StartError {
     },
 }
 
-/// The routing table, replaceable while the proxy runs. Each connection
-/// takes the current table once, when its ClientHello is complete, so a
-/// reload never disturbs established sessions.
-#[derive(Debug, Default)]
-pub struct SharedRoutes(std::sync::RwLock<Arc<RouteTable>>);
+/// The routing table with the pools it refers to and their health-check
+/// tasks. Replaced as one on reload; dropping it stops its checks.
+pub struct Routing {
+    /// Name → target rules.
+    pub table: RouteTable,
+    /// Pools by name.
+    pub pools: HashMap<String, Arc<Pool>>,
+    checks: Vec<JoinHandle<()>>,
+}
+
+impl Routing {
+    /// Build the pools and start their health checks (inside a runtime).
+    pub fn start(table: RouteTable, pools: &[PoolConfig]) -> Routing {
+        let pools: HashMap<String, Arc<Pool>> = pools
+            .iter()
+            .map(|p| (p.name.clone(), Arc::new(Pool::new(p.clone()))))
+            .collect();
+        let checks = pools.values().flat_map(health::spawn).collect();
+        Routing {
+            table,
+            pools,
+            checks,
+        }
+    }
+}
+
+impl Drop for Routing {
+    fn drop(&mut self) {
+        for c in &self.checks {
+            c.abort();
+        }
+    }
+}
+
+/// The current [`Routing`], replaceable while the proxy runs. Each
+/// connection takes it once, when its ClientHello is complete, so a reload
+/// never disturbs established sessions.
+pub struct SharedRoutes(std::sync::RwLock<Arc<Routing>>);
 
 impl SharedRoutes {
-    /// A holder with `table` as the current table.
-    pub fn new(table: RouteTable) -> Self {
-        SharedRoutes(std::sync::RwLock::new(Arc::new(table)))
+    /// A holder with `routing` as the current one.
+    pub fn new(routing: Routing) -> Self {
+        SharedRoutes(std::sync::RwLock::new(Arc::new(routing)))
     }
 
-    /// The current table.
-    pub fn current(&self) -> Arc<RouteTable> {
+    /// The current routing.
+    pub fn current(&self) -> Arc<Routing> {
         Arc::clone(&self.0.read().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Make `table` current for new connections.
-    pub fn replace(&self, table: RouteTable) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+    /// Make `routing` current for new connections.
+    pub fn replace(&self, routing: Routing) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(routing);
     }
 }
 
@@ -132,6 +168,7 @@ impl Server {
         let metrics = Arc::new(Metrics::default());
         let mut background = Vec::new();
         let mut admin = None;
+        let mut admin_listener = None;
         if let Some(a) = &config.admin {
             let bind_err = |source| StartError::Bind {
                 listener: "admin".into(),
@@ -143,9 +180,13 @@ impl Server {
             let local = l.local_addr().map_err(bind_err)?;
             tracing::info!(event = "listening", listener = "admin", addr = %local, "admin listening: /health and /metrics");
             admin = Some(local);
-            background.push(tokio::spawn(crate::admin::serve(l, Arc::clone(&metrics))));
+            admin_listener = Some(l);
         }
-        let routes = Arc::new(SharedRoutes::new(config.routes));
+        let routes = Arc::new(SharedRoutes::new(Routing::start(
+            config.routes,
+            &config.pools,
+        )));
+        let limits = Arc::new(crate::limits::Limits::new(config.limits));
         let (stop, stop_rx) = watch::channel(false);
         let (drain, drain_rx) = watch::channel(false);
         let tracker = Tracker::default();
@@ -161,6 +202,13 @@ impl Server {
                 })?;
                 bound.push((l.clone(), sock));
             }
+        }
+        if let Some(l) = admin_listener {
+            background.push(tokio::spawn(crate::admin::serve(
+                l,
+                Arc::clone(&metrics),
+                Arc::clone(&routes),
+            )));
         }
         let mut addrs = Vec::new();
         let mut accept_loops = Vec::new();
@@ -183,6 +231,7 @@ impl Server {
                 routes: Arc::clone(&routes),
                 drain: drain_rx.clone(),
                 metrics: Arc::clone(&metrics),
+                limits: Arc::clone(&limits),
             });
             accept_loops.push(tokio::spawn(listener::serve(
                 listener,
@@ -210,9 +259,10 @@ impl Server {
         })
     }
 
-    /// Replace the routing table for new connections (SIGHUP reload).
-    pub fn reload_routes(&self, table: RouteTable) {
-        self.routes.replace(table);
+    /// Replace the routing table and pools for new connections (SIGHUP
+    /// reload). Pools start with fresh health state.
+    pub fn reload_routes(&self, table: RouteTable, pools: &[PoolConfig]) {
+        self.routes.replace(Routing::start(table, pools));
     }
 
     /// The admin listener's address, if configured.

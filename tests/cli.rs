@@ -58,6 +58,31 @@ fn check_names_file_line_and_key_of_a_bad_config() {
             "unknown variant `maybe`",
         ),
         ("[[listener]\n", ":1:", ""),
+        (
+            "[[pool]]\nname = \"fleet\"\n",
+            ":2:",
+            "pool \"fleet\" has no agents",
+        ),
+        (
+            "[[pool]]\nname = \"fleet\"\n[[pool.agents]]\naddr = \"10.0.0.1:8443\"\nweight = 0\n",
+            ":2:",
+            "every agent has weight 0",
+        ),
+        (
+            "[[route]]\nsni = \"a.example\"\npool = \"nope\"\n",
+            ":3:",
+            "no pool is named \"nope\"",
+        ),
+        (
+            "[[route]]\nsni = \"a.example\"\nagent = \"10.0.0.1:1\"\npool = \"p\"\n",
+            ":2:",
+            "give exactly one of `agent` or `pool`",
+        ),
+        (
+            "[[pool]]\nname = \"p\"\npolicy = \"random\"\n",
+            ":3: key `policy`:",
+            "unknown variant `random`",
+        ),
     ];
     for (text, at, what) in cases {
         let f = TempFile::new(".toml", text.as_bytes());

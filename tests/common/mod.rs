@@ -72,9 +72,16 @@ impl Proxy {
         if let Some(c) = &cfg {
             cmd.arg("--config").arg(&c.0);
         }
-        cmd.envs(env.iter().copied());
-        cmd.args(args)
-            .stdin(Stdio::null())
+        cmd.envs(env.iter().copied()).args(args);
+        let mut p = Proxy::start_command(&mut cmd);
+        p._config = cfg;
+        p
+    }
+
+    /// Start a command that runs splicegate with JSON logs on stderr; wait
+    /// for its first (non-admin) `listening` event.
+    pub fn start_command(cmd: &mut Command) -> Proxy {
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn splicegate");
@@ -96,7 +103,7 @@ impl Proxy {
             seen: Vec::new(),
             addr: "0.0.0.0:0".parse().unwrap(),
             admin: None,
-            _config: cfg,
+            _config: None,
         };
         let ev = p.event("listening", |v| v["listener"] != "admin");
         p.addr = ev["addr"].as_str().unwrap().parse().unwrap();

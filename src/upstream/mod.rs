@@ -1,4 +1,8 @@
-//! Upstream: connect to the chosen agent.
+//! Upstream: connect to the chosen agent, directly or through a pool
+//! ([`pool`]: balancing, limits, passive health; [`health`]: active checks).
+
+pub mod health;
+pub mod pool;
 
 use std::io;
 use std::net::SocketAddr;
@@ -66,6 +70,15 @@ pub async fn connect(
     let attempt = async {
         let addrs: Vec<SocketAddr> = match target {
             Target::Addr(a) => vec![*a],
+            Target::Pool(p) => {
+                return Err(ConnectError::Resolve {
+                    target: target.to_string(),
+                    source: io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("{p} is a pool, not an agent"),
+                    ),
+                })
+            }
             Target::Host { name, port } => tokio::net::lookup_host((name.as_str(), *port))
                 .await
                 .map_err(|source| ConnectError::Resolve {

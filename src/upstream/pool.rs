@@ -1,0 +1,660 @@
+//! Agent pools: which agent of a pool a new connection tries, in what
+//! order, and the bookkeeping that decides it (active connections, passive
+//! and active health, per-agent limits).
+//!
+//! Selection is per connection and takes one short mutex (round-robin
+//! state) at most; nothing here runs per chunk of data.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::config::Keepalive;
+use crate::route::Target;
+
+/// How a pool orders its agents for a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// Primaries in configured order, then backups.
+    #[default]
+    First,
+    /// Smooth weighted round robin (nginx's algorithm).
+    RoundRobin,
+    /// Fewest active connections relative to weight.
+    LeastConn,
+    /// Consistent hashing on the real client IP: a client keeps its agent,
+    /// and an agent going down moves only its own clients.
+    ClientHash,
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Policy::First => "first",
+            Policy::RoundRobin => "round_robin",
+            Policy::LeastConn => "least_conn",
+            Policy::ClientHash => "client_hash",
+        })
+    }
+}
+
+/// One agent's configuration in a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// Where it listens.
+    pub target: Target,
+    /// Relative share of new connections (0: never chosen).
+    pub weight: u32,
+    /// Used only when no primary is available.
+    pub backup: bool,
+    /// Concurrent connections allowed (None: unlimited).
+    pub max_conns: Option<usize>,
+}
+
+/// Passive health: connect failures mark an agent down for a while.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Passive {
+    /// Failures within `fail_window` that mark the agent down.
+    pub max_fails: u32,
+    /// Window in which failures are counted.
+    pub fail_window: Duration,
+    /// How long the agent then stays down.
+    pub fail_timeout: Duration,
+}
+
+/// Active health check kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckKind {
+    /// TCP connect.
+    Tcp,
+    /// TCP connect and a complete TLS handshake (certificate not verified).
+    Tls,
+    /// TLS, then `GET path` expecting `status`.
+    Https {
+        /// Request path.
+        path: String,
+        /// Expected status code.
+        status: u16,
+    },
+}
+
+/// Active health checks for a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// What a check does.
+    pub kind: CheckKind,
+    /// Time between checks (jittered ±10 %).
+    pub interval: Duration,
+    /// Time allowed for one check.
+    pub timeout: Duration,
+    /// Consecutive successes that bring a down agent up.
+    pub rise: u32,
+    /// Consecutive failures that take an up agent down.
+    pub fall: u32,
+    /// SNI sent by TLS and HTTPS checks (default: the agent's host).
+    pub sni: Option<String>,
+}
+
+/// A pool's configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Name routes refer to.
+    pub name: String,
+    /// Ordering policy.
+    pub policy: Policy,
+    /// Agents, primaries and backups.
+    pub agents: Vec<AgentConfig>,
+    /// Passive health.
+    pub passive: Passive,
+    /// Active health checks, if any.
+    pub health: Option<HealthConfig>,
+    /// Agents tried per connection before giving up.
+    pub attempts: usize,
+}
+
+/// Runtime state of one agent.
+#[derive(Debug)]
+pub struct Agent {
+    /// Configuration.
+    pub config: AgentConfig,
+    /// Display form of the address.
+    pub name: String,
+    active: AtomicUsize,
+    /// Result of active checks (true when there are none).
+    checked_up: AtomicBool,
+    passive: Mutex<PassiveState>,
+}
+
+#[derive(Debug, Default)]
+struct PassiveState {
+    failures: VecDeque<Instant>,
+    down_until: Option<Instant>,
+}
+
+impl Agent {
+    /// Active connections now.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Up by active checks and not marked down by passive health.
+    pub fn is_up(&self, now: Instant) -> bool {
+        self.checked_up.load(Ordering::Relaxed) && !self.passively_down(now)
+    }
+
+    fn passively_down(&self, now: Instant) -> bool {
+        let p = self.passive.lock().unwrap_or_else(|e| e.into_inner());
+        p.down_until.is_some_and(|t| now < t)
+    }
+
+    /// Set the active-check state; true when it changed.
+    pub(crate) fn set_checked(&self, up: bool) -> bool {
+        self.checked_up.swap(up, Ordering::Relaxed) != up
+    }
+
+    /// Whether active checks consider it up.
+    pub fn checked_up(&self) -> bool {
+        self.checked_up.load(Ordering::Relaxed)
+    }
+
+    /// Take a connection slot if under `max_conns`.
+    fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
+        let max = self.config.max_conns.unwrap_or(usize::MAX);
+        let prev = self.active.fetch_add(1, Ordering::AcqRel);
+        if prev >= max {
+            self.active.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot(Arc::clone(self)))
+    }
+
+    /// Record a failed connect; true when it marks the agent down.
+    fn failed(&self, passive: &Passive, now: Instant) -> bool {
+        if passive.max_fails == 0 {
+            return false;
+        }
+        let mut p = self.passive.lock().unwrap_or_else(|e| e.into_inner());
+        p.failures.push_back(now);
+        while p
+            .failures
+            .front()
+            .is_some_and(|&t| now.duration_since(t) > passive.fail_window)
+        {
+            p.failures.pop_front();
+        }
+        if p.failures.len() >= passive.max_fails as usize && p.down_until.is_none_or(|t| now >= t) {
+            p.down_until = Some(now + passive.fail_timeout);
+            p.failures.clear();
+            return true;
+        }
+        false
+    }
+}
+
+/// A connection slot on an agent; dropping it frees the slot.
+#[derive(Debug)]
+pub struct Slot(Arc<Agent>);
+
+impl Slot {
+    /// The agent.
+    pub fn agent(&self) -> &Agent {
+        &self.0
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A pool at run time.
+#[derive(Debug)]
+pub struct Pool {
+    /// Configuration.
+    pub config: PoolConfig,
+    agents: Vec<Arc<Agent>>,
+    /// Smooth weighted round-robin current weights.
+    rr: Mutex<Vec<i64>>,
+    /// Consistent-hash rings (point, agent index) for primaries and backups.
+    rings: [Vec<(u64, usize)>; 2],
+}
+
+/// Why no agent of a pool took the connection.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// Every agent is down or at its limit; nothing was tried.
+    #[error(
+        "pool {pool}: no agent available ({down} down, {full} at max_conns, {zero} with weight 0)"
+    )]
+    NoneAvailable {
+        /// Pool name.
+        pool: String,
+        /// Agents down.
+        down: usize,
+        /// Agents at max_conns.
+        full: usize,
+        /// Agents with weight 0.
+        zero: usize,
+    },
+    /// Every attempt failed.
+    #[error("pool {pool}: {attempts} attempt(s) failed, last: {last}")]
+    AllFailed {
+        /// Pool name.
+        pool: String,
+        /// Attempts made.
+        attempts: usize,
+        /// The last error.
+        last: super::ConnectError,
+    },
+}
+
+impl PoolError {
+    /// Stable short label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PoolError::NoneAvailable { .. } => "pool_unavailable",
+            PoolError::AllFailed { .. } => "pool_failed",
+        }
+    }
+}
+
+/// A connection made through a pool.
+#[derive(Debug)]
+pub struct Connected {
+    /// The agent's socket.
+    pub stream: TcpStream,
+    /// Held for the connection's life (per-agent counts and `max_conns`).
+    pub slot: Slot,
+    /// 1-based attempt that succeeded.
+    pub attempt: usize,
+}
+
+const VNODES_PER_WEIGHT: u32 = 64;
+
+impl Pool {
+    /// Build a pool from its configuration.
+    pub fn new(config: PoolConfig) -> Pool {
+        let agents: Vec<Arc<Agent>> = config
+            .agents
+            .iter()
+            .map(|a| {
+                Arc::new(Agent {
+                    name: a.target.to_string(),
+                    config: a.clone(),
+                    active: AtomicUsize::new(0),
+                    checked_up: AtomicBool::new(true),
+                    passive: Mutex::new(PassiveState::default()),
+                })
+            })
+            .collect();
+        let ring = |backup: bool| {
+            let mut ring = Vec::new();
+            for (i, a) in agents
+                .iter()
+                .enumerate()
+                .filter(|(_, a)| a.config.backup == backup)
+            {
+                for v in 0..a.config.weight.saturating_mul(VNODES_PER_WEIGHT) {
+                    ring.push((stable_hash(format!("{}#{v}", a.name).as_bytes()), i));
+                }
+            }
+            ring.sort_unstable();
+            ring
+        };
+        let rings = [ring(false), ring(true)];
+        Pool {
+            rr: Mutex::new(vec![0; agents.len()]),
+            agents,
+            rings,
+            config,
+        }
+    }
+
+    /// The agents.
+    pub fn agents(&self) -> &[Arc<Agent>] {
+        &self.agents
+    }
+
+    /// Agents to try for a new connection, in order: eligible primaries by
+    /// policy, or eligible backups when no primary is eligible.
+    pub fn order(&self, client: IpAddr, now: Instant) -> Result<Vec<usize>, PoolError> {
+        let eligible = |i: usize| {
+            let a = &self.agents[i];
+            a.config.weight > 0
+                && a.is_up(now)
+                && a.active() < a.config.max_conns.unwrap_or(usize::MAX)
+        };
+        for (tier, backup) in [false, true].into_iter().enumerate() {
+            let members: Vec<usize> = (0..self.agents.len())
+                .filter(|&i| self.agents[i].config.backup == backup && eligible(i))
+                .collect();
+            if members.is_empty() {
+                continue;
+            }
+            let ordered = match self.config.policy {
+                Policy::First => members,
+                Policy::RoundRobin => self.round_robin(&members),
+                Policy::LeastConn => {
+                    let mut m = members;
+                    // active / weight, compared without division.
+                    m.sort_by(|&a, &b| {
+                        let (aa, ba) = (&self.agents[a], &self.agents[b]);
+                        (aa.active() as u128 * u128::from(ba.config.weight))
+                            .cmp(&(ba.active() as u128 * u128::from(aa.config.weight)))
+                    });
+                    m
+                }
+                Policy::ClientHash => self.ring_walk(tier, client, &members),
+            };
+            return Ok(ordered);
+        }
+        Err(self.unavailable(now))
+    }
+
+    /// Why nothing is eligible, counted by cause.
+    fn unavailable(&self, now: Instant) -> PoolError {
+        let (mut down, mut full, mut zero) = (0, 0, 0);
+        for a in &self.agents {
+            if a.config.weight == 0 {
+                zero += 1;
+            } else if !a.is_up(now) {
+                down += 1;
+            } else {
+                full += 1;
+            }
+        }
+        PoolError::NoneAvailable {
+            pool: self.config.name.clone(),
+            down,
+            full,
+            zero,
+        }
+    }
+
+    /// Smooth weighted round robin over `members`: the pick first, then the
+    /// rest in order as retry candidates.
+    fn round_robin(&self, members: &[usize]) -> Vec<usize> {
+        let mut cur = self.rr.lock().unwrap_or_else(|e| e.into_inner());
+        let total: i64 = members
+            .iter()
+            .map(|&i| i64::from(self.agents[i].config.weight))
+            .sum();
+        let mut best = members[0];
+        for &i in members {
+            cur[i] += i64::from(self.agents[i].config.weight);
+            if cur[i] > cur[best] {
+                best = i;
+            }
+        }
+        cur[best] -= total;
+        let pos = members.iter().position(|&i| i == best).unwrap_or(0);
+        members[pos..]
+            .iter()
+            .chain(&members[..pos])
+            .copied()
+            .collect()
+    }
+
+    /// Walk the ring clockwise from the client's point, collecting distinct
+    /// eligible agents.
+    fn ring_walk(&self, tier: usize, client: IpAddr, members: &[usize]) -> Vec<usize> {
+        let ring = &self.rings[tier];
+        let key = match client {
+            IpAddr::V4(a) => stable_hash(&a.octets()),
+            IpAddr::V6(a) => stable_hash(&a.octets()),
+        };
+        let start = ring.partition_point(|&(p, _)| p < key);
+        let mut out = Vec::with_capacity(members.len());
+        for k in 0..ring.len() {
+            let i = ring[(start + k) % ring.len()].1;
+            if members.contains(&i) && !out.contains(&i) {
+                out.push(i);
+                if out.len() == members.len() {
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    /// Connect to an agent of the pool for `client`, trying up to
+    /// `attempts` agents in policy order. Failures count towards passive
+    /// health. The client sees nothing until an agent accepts.
+    pub async fn connect(
+        &self,
+        client: IpAddr,
+        timeout: Duration,
+        keepalive: Option<Keepalive>,
+    ) -> Result<Connected, PoolError> {
+        let order = self.order(client, Instant::now())?;
+        let mut last = None;
+        let mut attempt = 0;
+        for i in order.into_iter().take(self.config.attempts.max(1)) {
+            let agent = &self.agents[i];
+            // Between ordering and here another connection may have taken
+            // the last slot: then move on to the next agent.
+            let Some(slot) = agent.try_acquire() else {
+                continue;
+            };
+            attempt += 1;
+            match super::connect(&agent.config.target, timeout, keepalive).await {
+                Ok(stream) => {
+                    return Ok(Connected {
+                        stream,
+                        slot,
+                        attempt,
+                    })
+                }
+                Err(e) => {
+                    tracing::debug!(agent = %agent.name, attempt, error = %e, "agent connect failed; trying the next");
+                    if agent.failed(&self.config.passive, Instant::now()) {
+                        tracing::warn!(
+                            event = "agent_down",
+                            pool = %self.config.name,
+                            agent = %agent.name,
+                            reason = "passive",
+                            for_ = ?self.config.passive.fail_timeout,
+                            "agent marked down after {} connect failures",
+                            self.config.passive.max_fails
+                        );
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        match last {
+            Some(last) => Err(PoolError::AllFailed {
+                pool: self.config.name.clone(),
+                attempts: attempt,
+                last,
+            }),
+            None => Err(self.unavailable(Instant::now())),
+        }
+    }
+}
+
+/// Per-agent gauges for `/metrics`: up (by active and passive health) and
+/// active connections.
+pub fn render_metrics(pools: &std::collections::HashMap<String, Arc<Pool>>, out: &mut String) {
+    use std::fmt::Write;
+    let mut names: Vec<&String> = pools.keys().collect();
+    names.sort();
+    let now = Instant::now();
+    for (metric, help) in [
+        (
+            "splicegate_agent_up",
+            "1 when the agent may be chosen by health (active and passive).",
+        ),
+        (
+            "splicegate_agent_active_connections",
+            "Connections open to the agent.",
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} gauge");
+        for n in &names {
+            for a in pools[*n].agents() {
+                let v = if metric == "splicegate_agent_up" {
+                    usize::from(a.is_up(now))
+                } else {
+                    a.active()
+                };
+                let _ = writeln!(out, "{metric}{{pool=\"{n}\",agent=\"{}\"}} {v}", a.name);
+            }
+        }
+    }
+}
+
+/// FNV-1a, 64 bit, followed by the splitmix64 finalizer (FNV alone mixes
+/// the high bits poorly for inputs that differ in the last byte, such as
+/// neighbouring client addresses). Stable across versions and processes, so
+/// every splicegate instance behind one NLB hashes a client to the same
+/// agent.
+pub fn stable_hash(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in data {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(policy: Policy, weights: &[(u32, bool)]) -> Pool {
+        Pool::new(PoolConfig {
+            name: "p".into(),
+            policy,
+            agents: weights
+                .iter()
+                .enumerate()
+                .map(|(i, &(weight, backup))| AgentConfig {
+                    target: format!("10.0.0.{}:8443", i + 1).parse().unwrap(),
+                    weight,
+                    backup,
+                    max_conns: None,
+                })
+                .collect(),
+            passive: Passive {
+                max_fails: 2,
+                fail_window: Duration::from_secs(10),
+                fail_timeout: Duration::from_secs(30),
+            },
+            health: None,
+            attempts: 3,
+        })
+    }
+
+    fn ip(n: u32) -> IpAddr {
+        IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + n))
+    }
+
+    #[test]
+    fn weighted_round_robin_shares() {
+        let p = pool(Policy::RoundRobin, &[(3, false), (1, false), (0, false)]);
+        let now = Instant::now();
+        let mut counts = [0; 3];
+        for _ in 0..400 {
+            counts[p.order(ip(1), now).unwrap()[0]] += 1;
+        }
+        assert_eq!(counts, [300, 100, 0]);
+    }
+
+    #[test]
+    fn backups_only_when_primaries_are_down() {
+        let p = pool(Policy::First, &[(1, false), (1, true)]);
+        let now = Instant::now();
+        assert_eq!(p.order(ip(1), now).unwrap(), vec![0]);
+        p.agents[0].set_checked(false);
+        assert_eq!(p.order(ip(1), now).unwrap(), vec![1]);
+        p.agents[1].set_checked(false);
+        let e = p.order(ip(1), now).unwrap_err();
+        assert!(e.to_string().contains("2 down"), "{e}");
+    }
+
+    #[test]
+    fn client_hash_is_sticky_and_moves_only_the_failed_agents_clients() {
+        let p = pool(Policy::ClientHash, &[(1, false), (1, false), (1, false)]);
+        let now = Instant::now();
+        let before: Vec<usize> = (0..3000).map(|n| p.order(ip(n), now).unwrap()[0]).collect();
+        let again: Vec<usize> = (0..3000).map(|n| p.order(ip(n), now).unwrap()[0]).collect();
+        assert_eq!(before, again);
+        let mut counts = [0usize; 3];
+        before.iter().for_each(|&i| counts[i] += 1);
+        assert!(
+            counts.iter().all(|&c| (700..1300).contains(&c)),
+            "{counts:?}"
+        );
+        p.agents[1].set_checked(false);
+        for (n, &b) in before.iter().enumerate() {
+            let after = p.order(ip(n as u32), now).unwrap()[0];
+            if b != 1 {
+                assert_eq!(after, b, "client {n} moved although its agent is up");
+            } else {
+                assert_ne!(after, 1);
+            }
+        }
+    }
+
+    #[test]
+    fn passive_failures_mark_down_for_fail_timeout() {
+        let p = pool(Policy::First, &[(1, false), (1, false)]);
+        let t0 = Instant::now();
+        assert!(!p.agents[0].failed(&p.config.passive, t0));
+        assert!(p.agents[0].failed(&p.config.passive, t0 + Duration::from_secs(1)));
+        assert_eq!(
+            p.order(ip(1), t0 + Duration::from_secs(2)).unwrap(),
+            vec![1]
+        );
+        assert_eq!(
+            p.order(ip(1), t0 + Duration::from_secs(32)).unwrap(),
+            vec![0, 1]
+        );
+        // Failures outside the window do not add up.
+        assert!(!p.agents[1].failed(&p.config.passive, t0));
+        assert!(!p.agents[1].failed(&p.config.passive, t0 + Duration::from_secs(11)));
+    }
+
+    #[test]
+    fn least_conn_and_max_conns() {
+        let mut p = pool(Policy::LeastConn, &[(1, false), (1, false)]);
+        p.agents = p
+            .agents
+            .iter()
+            .map(|a| {
+                let mut c = a.config.clone();
+                c.max_conns = Some(1);
+                Arc::new(Agent {
+                    name: a.name.clone(),
+                    config: c,
+                    active: AtomicUsize::new(0),
+                    checked_up: AtomicBool::new(true),
+                    passive: Mutex::new(PassiveState::default()),
+                })
+            })
+            .collect();
+        let now = Instant::now();
+        let s0 = p.agents[0].try_acquire().unwrap();
+        assert_eq!(p.order(ip(1), now).unwrap(), vec![1]);
+        let _s1 = p.agents[1].try_acquire().unwrap();
+        assert!(p.agents[1].try_acquire().is_none());
+        assert!(p
+            .order(ip(1), now)
+            .unwrap_err()
+            .to_string()
+            .contains("2 at max_conns"));
+        drop(s0);
+        assert_eq!(p.order(ip(1), now).unwrap(), vec![0]);
+    }
+}
