@@ -144,6 +144,12 @@ impl HelloParser {
         }
     }
 
+    /// Raw bytes consumed as complete records so far; after
+    /// [`Progress::Done`], where the bytes after the hello's records begin.
+    pub fn consumed(&self) -> usize {
+        self.consumed
+    }
+
     /// Largest raw buffer worth reading for a handshake cap: every handshake
     /// byte could travel in its own record with a 5-byte header.
     pub fn raw_limit(cap: usize) -> usize {

@@ -325,3 +325,102 @@ async fn ipv6_listener_and_agent_given_by_host_name() {
         "{ev}"
     );
 }
+
+/// Pipe fds the proxy holds now.
+fn pipes_of(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    std::fs::read_link(e.path())
+                        .is_ok_and(|l| l.to_string_lossy().starts_with("pipe:"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Poll `cond` until true, bounded (waits on the OS state, not on time).
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::task::yield_now().await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+async fn bulk_then_small(engine: &str) -> (usize, usize) {
+    // Agent: after the hello, sends 8 MiB, then echoes.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let agent = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let hello_len = client_hello(Some("bulk.test"), &[], 1 << 14).len();
+        let mut hello = vec![0u8; hello_len];
+        s.read_exact(&mut hello).await.unwrap();
+        s.write_all(&vec![0x42u8; 8 << 20]).await.unwrap();
+        let mut b = [0u8; 64];
+        while let Ok(n @ 1..) = s.read(&mut b).await {
+            s.write_all(&b[..n]).await.unwrap();
+        }
+    });
+    let proxy = Proxy::start(
+        None,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--agent",
+            &agent.to_string(),
+            "--engine",
+            engine,
+        ],
+    );
+    let base = pipes_of(proxy.pid());
+    let mut c = TcpStream::connect(proxy.addr).await.unwrap();
+    c.write_all(&client_hello(Some("bulk.test"), &[], 1 << 14))
+        .await
+        .unwrap();
+    // Not reading yet: the bulk backs up inside the proxy.
+    let mut during = 0;
+    if engine == "splice" {
+        until("splice mode holds a pipe during bulk", || {
+            during = pipes_of(proxy.pid()) - base;
+            during > 0
+        })
+        .await;
+    } else {
+        // Give the copy engine the same chance to show a pipe: wait until
+        // the proxy has filled its socket buffers (the client's receive
+        // queue is non-empty and stays so).
+        let mut peek = [0u8; 1];
+        c.peek(&mut peek).await.unwrap();
+        during = pipes_of(proxy.pid()) - base;
+    }
+    let mut got = vec![0u8; 8 << 20];
+    c.read_exact(&mut got).await.unwrap();
+    for _ in 0..(splicegate::forward::splice::BACK_TO_COPY + 4) {
+        c.write_all(b"small").await.unwrap();
+        let mut back = [0u8; 5];
+        c.read_exact(&mut back).await.unwrap();
+    }
+    let mut after = usize::MAX;
+    until(
+        "small messages return to copy mode and close the pipes",
+        || {
+            after = pipes_of(proxy.pid()) - base;
+            after == 0
+        },
+    )
+    .await;
+    (during, after)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn splice_engine_uses_pipes_for_bulk_and_drops_them_for_small_messages() {
+    let (during, after) = bulk_then_small("splice").await;
+    assert!(during >= 2, "{during} pipe fds during bulk");
+    assert_eq!(after, 0);
+    let (during, after) = bulk_then_small("copy").await;
+    assert_eq!((during, after), (0, 0));
+}

@@ -28,5 +28,9 @@ fi
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy
 
 cargo fmt --all -- --check
-cargo clippy --all-targets -- -D warnings
-cargo test --all-targets
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace --all-targets
+
+# The benchmark harness must keep working: a smoke run with tiny counts
+# against every target installable here (no speed is asserted).
+bench/run.sh --smoke --out target/bench-smoke

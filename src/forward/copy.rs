@@ -41,7 +41,11 @@ pub async fn pump(
     Ok(())
 }
 
-async fn write_all(dst: &TcpStream, mut data: &[u8], count: &AtomicU64) -> io::Result<()> {
+pub(super) async fn write_all(
+    dst: &TcpStream,
+    mut data: &[u8],
+    count: &AtomicU64,
+) -> io::Result<()> {
     while !data.is_empty() {
         match dst.try_write(data) {
             Ok(n) => {

@@ -1,0 +1,426 @@
+//! `splicegate-bench`: splicegate against a direct connection, HAProxy and
+//! nginx, measured side by side in one run on this machine.
+//!
+//! ```text
+//! bench/run.sh --quick            # installs HAProxy and nginx, builds, runs
+//! splicegate-bench suite --smoke  # tiny counts, for CI
+//! ```
+//!
+//! Targets are interleaved per repeat (A B C A B C ...). Results go to
+//! `bench/results/<timestamp>/`: `results.md`, `results.json`, `rtt.svg`.
+
+mod agent;
+mod load;
+mod report;
+mod targets;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+
+use load::{Setup, Summary};
+use targets::Kind;
+
+#[derive(Parser)]
+#[command(about = "Latency and throughput: splicegate vs direct, HAProxy and nginx")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run every test against every target, interleaved, and write a report.
+    Suite(SuiteArgs),
+}
+
+#[derive(clap::Args, Clone)]
+struct SuiteArgs {
+    /// Small counts: finishes in under 2 minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Tiny counts: checks that everything runs (CI).
+    #[arg(long, conflicts_with = "quick")]
+    smoke: bool,
+    /// Repeats (default 3, 1 with --quick or --smoke).
+    #[arg(long)]
+    repeats: Option<u32>,
+    /// Comma-separated targets: direct, splicegate-splice, splicegate-copy,
+    /// haproxy, haproxy-splice-auto, haproxy-splice, nginx.
+    #[arg(
+        long,
+        default_value = "direct,splicegate-splice,splicegate-copy,haproxy,haproxy-splice-auto,haproxy-splice,nginx"
+    )]
+    targets: String,
+    /// The splicegate binary.
+    #[arg(long, default_value = "target/release/splicegate")]
+    splicegate: PathBuf,
+    /// Output folder (default bench/results/<timestamp>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// Counts for one run.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Params {
+    setup_conns: u32,
+    rtt_rounds: u32,
+    concurrent_conns: u32,
+    concurrent_secs: f64,
+    bulk_bytes: u64,
+    raw_bulk_bytes: u64,
+    idle_conns: u32,
+    repeats: u32,
+}
+
+impl Params {
+    fn from(a: &SuiteArgs) -> Params {
+        let mut p = if a.smoke {
+            Params {
+                setup_conns: 3,
+                rtt_rounds: 100,
+                concurrent_conns: 2,
+                concurrent_secs: 0.2,
+                bulk_bytes: 1 << 20,
+                raw_bulk_bytes: 4 << 20,
+                idle_conns: 10,
+                repeats: 1,
+            }
+        } else if a.quick {
+            Params {
+                setup_conns: 100,
+                rtt_rounds: 10_000,
+                concurrent_conns: 4,
+                concurrent_secs: 2.0,
+                bulk_bytes: 512 << 20,
+                raw_bulk_bytes: 2 << 30,
+                idle_conns: 1000,
+                repeats: 1,
+            }
+        } else {
+            Params {
+                setup_conns: 200,
+                rtt_rounds: 20_000,
+                concurrent_conns: 16,
+                concurrent_secs: 5.0,
+                bulk_bytes: 1 << 30,
+                raw_bulk_bytes: 4 << 30,
+                idle_conns: 2000,
+                repeats: 3,
+            }
+        };
+        if let Some(r) = a.repeats {
+            p.repeats = r.max(1);
+        }
+        p
+    }
+}
+
+/// One repeat of every test against one target.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Run {
+    repeat: u32,
+    setup: Option<Setup>,
+    rtt: Option<Summary>,
+    rtt_concurrent: Option<Summary>,
+    ops_per_sec: Option<f64>,
+    bulk_gbit: Option<f64>,
+    raw_bulk_gbit: Option<f64>,
+    raw_rtt: Option<Summary>,
+    /// Target processes' CPU per GiB of raw bulk.
+    proxy_cpu_s_per_gib: Option<f64>,
+    /// Whole machine's CPU per GiB of raw bulk (client and agents included).
+    machine_cpu_s_per_gib: Option<f64>,
+    /// Target processes' CPU per new TLS connection (setup test).
+    proxy_cpu_ms_per_conn: Option<f64>,
+    idle_rss_kib_per_conn: Option<f64>,
+    idle_fds_per_conn: Option<f64>,
+    errors: Vec<String>,
+}
+
+/// Everything about one target.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetResult {
+    name: String,
+    /// "ok", or why the target was skipped.
+    status: String,
+    runs: Vec<Run>,
+}
+
+fn parse_targets(list: &str) -> Result<Vec<Kind>, String> {
+    list.split(',')
+        .map(|t| match t.trim() {
+            "direct" => Ok(Kind::Direct),
+            "splicegate-splice" => Ok(Kind::Splicegate("splice")),
+            "splicegate-copy" => Ok(Kind::Splicegate("copy")),
+            "haproxy" => Ok(Kind::Haproxy("")),
+            "haproxy-splice-auto" => Ok(Kind::Haproxy("option splice-auto")),
+            "haproxy-splice" => Ok(Kind::Haproxy(
+                "option splice-request\n  option splice-response",
+            )),
+            "nginx" => Ok(Kind::Nginx),
+            other => Err(format!("unknown target {other:?}")),
+        })
+        .collect()
+}
+
+fn main() -> std::process::ExitCode {
+    let Cmd::Suite(args) = Cli::parse().command;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    match rt.block_on(suite(args)) {
+        Ok(clean) if clean => std::process::ExitCode::SUCCESS,
+        Ok(_) => {
+            eprintln!("splicegate-bench: finished with errors (marked in the report)");
+            std::process::ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("splicegate-bench: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The whole run. Ok(true) when every target ran without errors.
+async fn suite(args: SuiteArgs) -> Result<bool, String> {
+    let params = Params::from(&args);
+    let kinds = parse_targets(&args.targets)?;
+    let agents = agent::start()
+        .await
+        .map_err(|e| format!("cannot start agents: {e}"))?;
+    let tls = agent::client(&agents);
+    let started = Instant::now();
+    // A hard bound on the whole run.
+    let budget = Duration::from_secs(if args.smoke {
+        300
+    } else if args.quick {
+        600
+    } else {
+        3600
+    });
+
+    let mut results: Vec<TargetResult> = Vec::new();
+    let mut running = Vec::new();
+    for kind in &kinds {
+        let name = targets::name(kind);
+        eprintln!("starting {name}");
+        match targets::start(kind, &agents, &args.splicegate) {
+            Ok(r) => match routing_check(&r, &agents, &tls).await {
+                Ok(()) => {
+                    results.push(TargetResult {
+                        name,
+                        status: "ok".into(),
+                        runs: Vec::new(),
+                    });
+                    running.push(Some(r));
+                }
+                Err(e) => {
+                    eprintln!("  skipped: routing check failed: {e}");
+                    results.push(TargetResult {
+                        name,
+                        status: format!("skipped: routing check failed: {e}"),
+                        runs: Vec::new(),
+                    });
+                    running.push(None);
+                }
+            },
+            Err(e) => {
+                eprintln!("  skipped: {e}");
+                results.push(TargetResult {
+                    name,
+                    status: format!("skipped: {e}"),
+                    runs: Vec::new(),
+                });
+                running.push(None);
+            }
+        }
+    }
+
+    for repeat in 0..params.repeats {
+        for (i, slot) in running.iter_mut().enumerate() {
+            let Some(target) = slot.as_mut() else {
+                continue;
+            };
+            if started.elapsed() > budget {
+                results[i].status = format!("stopped: the run exceeded its {budget:?} bound");
+                *slot = None;
+                continue;
+            }
+            if let Some(how) = target.exited() {
+                results[i].status = format!("died during the run: {how}");
+                *slot = None;
+                continue;
+            }
+            eprintln!("repeat {repeat}: {}", results[i].name);
+            let run = measure(target, &agents, &tls, &params, repeat).await;
+            for e in &run.errors {
+                eprintln!("  error: {e}");
+            }
+            if let Some(how) = target.exited() {
+                results[i].status = format!("died during the run: {how}");
+                *slot = None;
+            }
+            results[i].runs.push(run);
+        }
+    }
+    for r in running.iter_mut().flatten() {
+        r.stop();
+    }
+
+    let clean = results.iter().all(|t| {
+        (t.status == "ok" || t.status.starts_with("skipped"))
+            && t.runs.iter().all(|r| r.errors.is_empty())
+    });
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("bench/results").join(report::timestamp()));
+    std::fs::create_dir_all(&out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let md = report::markdown(&results, &params, &command, clean);
+    std::fs::write(out.join("results.md"), &md).map_err(|e| e.to_string())?;
+    let json = serde_json::json!({ "command": command, "params": params, "clean": clean, "targets": results });
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
+    std::fs::write(out.join("rtt.svg"), report::svg(&results)).map_err(|e| e.to_string())?;
+    println!("{md}");
+    println!("written to {}", out.display());
+    Ok(clean)
+}
+
+/// Every agent answers through the target with its own name.
+async fn routing_check(
+    t: &targets::Running,
+    agents: &agent::Agents,
+    tls: &std::sync::Arc<rustls::ClientConfig>,
+) -> Result<(), String> {
+    for name in agent::NAMES {
+        let addr = t.addr(agents, name);
+        let sni = agent::sni(name);
+        let got = tokio::time::timeout(Duration::from_secs(10), async {
+            if name.starts_with("tls") {
+                let (mut s, _, _) = load::tls_open(addr, &sni, tls).await?;
+                load::identify(&mut s).await
+            } else {
+                let mut s = load::raw_open(addr, &sni).await?;
+                load::identify(&mut s).await
+            }
+        })
+        .await
+        .map_err(|_| format!("{sni}: no answer within 10 s"))?
+        .map_err(|e| format!("{sni}: {e}"))?;
+        if got != name {
+            return Err(format!("{sni} reached agent {got:?}"));
+        }
+    }
+    Ok(())
+}
+
+async fn measure(
+    t: &targets::Running,
+    agents: &agent::Agents,
+    tls: &std::sync::Arc<rustls::ClientConfig>,
+    p: &Params,
+    repeat: u32,
+) -> Run {
+    let mut run = Run {
+        repeat,
+        ..Run::default()
+    };
+    let tls_addr = t.addr(agents, "tls-a");
+    let raw_addr = t.addr(agents, "raw-a");
+    let (tls_sni, raw_sni) = (agent::sni("tls-a"), agent::sni("raw-a"));
+    let pids = t.pids();
+    let limit = Duration::from_secs(300);
+    macro_rules! step {
+        ($what:expr, $fut:expr) => {
+            match tokio::time::timeout(limit, $fut).await {
+                Ok(Ok(v)) => Some(v),
+                Ok(Err(e)) => {
+                    run.errors.push(format!("{}: {e}", $what));
+                    None
+                }
+                Err(_) => {
+                    run.errors
+                        .push(format!("{}: no result within {limit:?}", $what));
+                    None
+                }
+            }
+        };
+    }
+
+    let cpu0 = targets::cpu_seconds(&pids);
+    run.setup = step!("setup", load::setup(tls_addr, &tls_sni, tls, p.setup_conns));
+    if run.setup.is_some() && !pids.is_empty() {
+        run.proxy_cpu_ms_per_conn =
+            Some((targets::cpu_seconds(&pids) - cpu0) * 1e3 / f64::from(p.setup_conns));
+    }
+
+    run.rtt = step!("rtt", async {
+        let (mut s, _, _) = load::tls_open(tls_addr, &tls_sni, tls).await?;
+        load::round_trips(&mut s, p.rtt_rounds)
+            .await
+            .map(|h| load::summary(&h))
+    });
+    if let Some((s, ops)) = step!(
+        "rtt-concurrent",
+        load::rtt_concurrent(
+            tls_addr,
+            &tls_sni,
+            tls,
+            p.concurrent_conns,
+            Duration::from_secs_f64(p.concurrent_secs)
+        )
+    ) {
+        run.rtt_concurrent = Some(s);
+        run.ops_per_sec = Some(ops);
+    }
+    run.bulk_gbit = step!("bulk", async {
+        let (mut s, _, _) = load::tls_open(tls_addr, &tls_sni, tls).await?;
+        load::bulk(&mut s, p.bulk_bytes)
+            .await
+            .map(|secs| p.bulk_bytes as f64 * 8.0 / secs / 1e9)
+    });
+
+    let (cpu0, m0) = (targets::cpu_seconds(&pids), targets::machine_seconds());
+    run.raw_bulk_gbit = step!("raw-bulk", async {
+        let mut s = load::raw_open(raw_addr, &raw_sni).await?;
+        load::bulk(&mut s, p.raw_bulk_bytes)
+            .await
+            .map(|secs| p.raw_bulk_bytes as f64 * 8.0 / secs / 1e9)
+    });
+    if run.raw_bulk_gbit.is_some() {
+        let gib = p.raw_bulk_bytes as f64 / f64::from(1u32 << 30);
+        run.machine_cpu_s_per_gib = Some((targets::machine_seconds() - m0) / gib);
+        if !pids.is_empty() {
+            run.proxy_cpu_s_per_gib = Some((targets::cpu_seconds(&pids) - cpu0) / gib);
+        }
+    }
+    run.raw_rtt = step!("raw-rtt", async {
+        let mut s = load::raw_open(raw_addr, &raw_sni).await?;
+        load::round_trips(&mut s, p.rtt_rounds)
+            .await
+            .map(|h| load::summary(&h))
+    });
+
+    if !pids.is_empty() {
+        let pids = t.pids();
+        let (rss0, fds0) = (targets::rss_kib(&pids), targets::fds(&pids));
+        if let Some(held) = step!("idle", load::idle(raw_addr, &raw_sni, p.idle_conns)) {
+            let pids = t.pids();
+            let k = f64::from(p.idle_conns);
+            run.idle_rss_kib_per_conn = Some((targets::rss_kib(&pids) as f64 - rss0 as f64) / k);
+            run.idle_fds_per_conn = Some((targets::fds(&pids) as f64 - fds0 as f64) / k);
+            drop(held);
+        }
+    }
+    run
+}
