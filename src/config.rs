@@ -18,8 +18,11 @@ use toml::Spanned;
 use crate::cidr::Cidr;
 use crate::forward::Engine;
 use crate::proxy_protocol::Mode as ProxyMode;
+use crate::route::path::{PathAgent, PathTable, PrefixRoute};
 use crate::route::{AgentInName, NoSni, RouteTable, SniPattern, Target};
+use crate::terminate::certs::CertFiles;
 use crate::upstream::pool::{AgentConfig, CheckKind, HealthConfig, Passive, Policy, PoolConfig};
+use crate::upstream::tls::UpstreamTls;
 
 /// A configuration that could not be loaded. The message names the file,
 /// the line and the key.
@@ -88,6 +91,44 @@ pub struct ListenerConfig {
     pub send_proxy: SendProxy,
     /// Pass the received TLVs on to agents (v2 only).
     pub send_proxy_tlvs: bool,
+    /// Terminate TLS and route on the HTTP request path (None: TLS
+    /// passthrough, routed on SNI).
+    pub terminate: Option<TerminateConfig>,
+}
+
+/// Settings of a terminate-mode listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TerminateConfig {
+    /// Certificates presented, the first being the default.
+    pub certs: Vec<CertFiles>,
+    /// TLS toward agents.
+    pub upstream_tls: UpstreamTls,
+    /// Name the agents' certificates must cover (default: the address or
+    /// host name dialled).
+    pub upstream_server_name: Option<String>,
+    /// Largest request head accepted, in bytes.
+    pub head_max_bytes: usize,
+    /// Time from the end of the TLS handshake for the head to arrive.
+    pub head_timeout: Duration,
+    /// Idle timeout of a plain (non-WebSocket) request's exchange.
+    pub request_idle_timeout: Option<Duration>,
+    /// Add X-Real-IP, X-Forwarded-For and X-Forwarded-Proto.
+    pub forwarded_headers: bool,
+}
+
+impl TerminateConfig {
+    /// Defaults around the given certificates and agent TLS.
+    pub fn new(certs: Vec<CertFiles>, upstream_tls: UpstreamTls) -> Self {
+        TerminateConfig {
+            certs,
+            upstream_tls,
+            upstream_server_name: None,
+            head_max_bytes: 16 * 1024,
+            head_timeout: Duration::from_secs(10),
+            request_idle_timeout: Some(Duration::from_secs(300)),
+            forwarded_headers: false,
+        }
+    }
 }
 
 /// PROXY header sent to agents before the replayed ClientHello.
@@ -149,6 +190,7 @@ impl ListenerConfig {
             allowed_vpce: Vec::new(),
             send_proxy: SendProxy::Off,
             send_proxy_tlvs: false,
+            terminate: None,
         }
     }
 }
@@ -171,6 +213,8 @@ pub struct Config {
     pub pools: Vec<PoolConfig>,
     /// Connection limits.
     pub limits: Limits,
+    /// Path routes for terminate listeners.
+    pub paths: PathTable,
 }
 
 /// Connection limits.
@@ -197,17 +241,30 @@ impl Default for Config {
             admin: None,
             pools: Vec::new(),
             limits: Limits::default(),
+            paths: PathTable::new(),
         }
     }
 }
 
-/// A command-line `--agent` value: `HOST:PORT` or `PATTERN=HOST:PORT`.
+/// A command-line `--agent` value: `HOST:PORT`, `PATTERN=HOST:PORT` or
+/// `/PREFIX/=HOST:PORT`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentArg {
-    /// SNI pattern, or None for the catch-all override.
-    pub pattern: Option<SniPattern>,
+    /// What the agent is for.
+    pub pattern: AgentPattern,
     /// Agent address.
     pub target: Target,
+}
+
+/// What an `--agent` flag routes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentPattern {
+    /// Every connection (every request on terminate listeners).
+    All,
+    /// An SNI pattern (passthrough listeners).
+    Sni(SniPattern),
+    /// A path prefix such as `/desk1/` (terminate listeners).
+    Path(String),
 }
 
 impl FromStr for AgentArg {
@@ -215,16 +272,47 @@ impl FromStr for AgentArg {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.split_once('=') {
+            Some((p, t)) if p.starts_with('/') => Ok(AgentArg {
+                pattern: AgentPattern::Path(parse_prefix(p)?),
+                target: t.parse()?,
+            }),
             Some((p, t)) => Ok(AgentArg {
-                pattern: Some(p.parse()?),
+                pattern: AgentPattern::Sni(p.parse()?),
                 target: t.parse()?,
             }),
             None => Ok(AgentArg {
-                pattern: None,
+                pattern: AgentPattern::All,
                 target: s.parse()?,
             }),
         }
     }
+}
+
+/// A path prefix: starts with `/`; a trailing `/` is added when missing.
+fn parse_prefix(p: &str) -> Result<String, String> {
+    if !p.starts_with('/') || p.contains(['?', '#', ' ']) || p.contains("//") {
+        return Err(format!(
+            "`{p}` is not a path prefix (like \"/desk1/\", or \"/\" for the default)"
+        ));
+    }
+    Ok(if p.ends_with('/') {
+        p.to_owned()
+    } else {
+        format!("{p}/")
+    })
+}
+
+/// TLS settings given on the command line (`run --tls-cert ...`).
+#[derive(Debug, Clone, Default)]
+pub struct CliTls {
+    /// `--tls-cert`: certificate chains, one per `--tls-key`.
+    pub certs: Vec<std::path::PathBuf>,
+    /// `--tls-key`.
+    pub keys: Vec<std::path::PathBuf>,
+    /// `--upstream-tls`.
+    pub upstream: Option<String>,
+    /// `--upstream-ca`.
+    pub upstream_ca: Option<std::path::PathBuf>,
 }
 
 impl Config {
@@ -348,6 +436,106 @@ impl Config {
             lc.allowed_vpce = l.allowed_vpce;
             set(&mut lc.send_proxy, l.send_proxy);
             set(&mut lc.send_proxy_tlvs, l.send_proxy_tlvs);
+            let terminate = l.mode.as_ref().is_some_and(|m| m.get_ref() == "terminate");
+            if let Some(m) = &l.mode {
+                if !["terminate", "passthrough"].contains(&m.get_ref().as_str()) {
+                    return Err(at(
+                        m.span(),
+                        format!(
+                            "key `mode`: `{}` is not \"passthrough\" or \"terminate\"",
+                            m.get_ref()
+                        ),
+                    ));
+                }
+            }
+            if terminate {
+                let mode = l.mode.as_ref().map(|m| m.span()).unwrap_or(0..0);
+                if l.cert.is_empty() {
+                    return Err(at(
+                        mode,
+                        "key `mode`: a terminate listener needs at least one [[listener.cert]] with `cert` and `key`".into(),
+                    ));
+                }
+                let certs = l
+                    .cert
+                    .into_iter()
+                    .map(|c| {
+                        let c = c.into_inner();
+                        CertFiles {
+                            cert: c.cert,
+                            key: c.key,
+                        }
+                    })
+                    .collect();
+                let upstream = upstream_tls(
+                    l.upstream_tls.as_ref().map(|u| u.get_ref().as_str()),
+                    l.upstream_ca.map(Spanned::into_inner),
+                )
+                .map_err(|what| {
+                    at(
+                        l.upstream_tls.as_ref().map_or(mode.clone(), |u| u.span()),
+                        what,
+                    )
+                })?;
+                let mut tc = TerminateConfig::new(certs, upstream);
+                tc.upstream_server_name = l.upstream_server_name.map(Spanned::into_inner);
+                if let Some(h) = l.head_max_bytes {
+                    let v = *h.get_ref();
+                    if !(1024..=1 << 20).contains(&v) {
+                        return Err(at(
+                            h.span(),
+                            format!("key `head_max_bytes`: {v} is outside 1024..=1048576"),
+                        ));
+                    }
+                    tc.head_max_bytes = v;
+                }
+                if let Some(d) = l.head_timeout {
+                    if d.get_ref().0.is_zero() {
+                        return Err(at(
+                            d.span(),
+                            "key `head_timeout`: must be more than 0".into(),
+                        ));
+                    }
+                    tc.head_timeout = d.get_ref().0;
+                }
+                if let Some(d) = l.request_idle_timeout {
+                    tc.request_idle_timeout = nonzero(d.into_inner().0);
+                }
+                set(
+                    &mut tc.forwarded_headers,
+                    l.forwarded_headers.map(Spanned::into_inner),
+                );
+                lc.terminate = Some(tc);
+            } else if let Some((key, span)) = [
+                ("cert", l.cert.first().map(Spanned::span)),
+                ("upstream_tls", l.upstream_tls.as_ref().map(Spanned::span)),
+                ("upstream_ca", l.upstream_ca.as_ref().map(Spanned::span)),
+                (
+                    "upstream_server_name",
+                    l.upstream_server_name.as_ref().map(Spanned::span),
+                ),
+                (
+                    "head_max_bytes",
+                    l.head_max_bytes.as_ref().map(Spanned::span),
+                ),
+                ("head_timeout", l.head_timeout.as_ref().map(Spanned::span)),
+                (
+                    "request_idle_timeout",
+                    l.request_idle_timeout.as_ref().map(Spanned::span),
+                ),
+                (
+                    "forwarded_headers",
+                    l.forwarded_headers.as_ref().map(Spanned::span),
+                ),
+            ]
+            .into_iter()
+            .find_map(|(k, s)| s.map(|s| (k, s)))
+            {
+                return Err(at(
+                    span,
+                    format!("key `{key}`: only applies to listeners with mode = \"terminate\""),
+                ));
+            }
             config.listeners.push(lc);
         }
 
@@ -475,6 +663,56 @@ impl Config {
                 allow: a.allow.into_iter().map(|c| c.0).collect(),
             });
         }
+        for r in file.path_route {
+            let prefix = parse_prefix(r.prefix.get_ref())
+                .map_err(|e| at(r.prefix.span(), format!("key `prefix`: {e}")))?;
+            if config.paths.has_prefix(&prefix) {
+                return Err(at(
+                    r.prefix.span(),
+                    format!("key `prefix`: a path route for {prefix} is already defined"),
+                ));
+            }
+            let target = match (r.agent, &r.pool) {
+                (Some(a), None) => a.0,
+                (None, Some(p)) => pool_target(p, &config)?,
+                _ => {
+                    return Err(at(
+                        r.prefix.span(),
+                        format!("path route {prefix}: give exactly one of `agent` or `pool`"),
+                    ))
+                }
+            };
+            config.paths.insert(PrefixRoute {
+                prefix,
+                target,
+                strip: r.strip_prefix.unwrap_or(true),
+            });
+        }
+        if let Some(a) = file.path_agent {
+            config.paths.agent_in_path = Some(PathAgent {
+                allow: a.allow.into_iter().map(|c| c.0).collect(),
+                ports: a
+                    .ports
+                    .filter(|p| !p.is_empty())
+                    .unwrap_or_else(|| vec![8443]),
+                strip: a.strip_prefix.unwrap_or(true),
+            });
+        }
+        if let Some(r) = &file.routing {
+            if let Some(h) = &r.health_path {
+                let v = h.get_ref();
+                config.paths.health = if v.is_empty() {
+                    None
+                } else if v.starts_with('/') && !v.contains('?') {
+                    Some(v.clone())
+                } else {
+                    return Err(at(
+                        h.span(),
+                        format!("key `health_path`: `{v}` is not a path (like \"/health\"; \"\" turns it off)"),
+                    ));
+                };
+            }
+        }
         if let Some(r) = file.routing {
             let default = match (r.default, &r.default_pool) {
                 (Some(_), Some(p)) => {
@@ -496,13 +734,15 @@ impl Config {
     /// Apply command-line overrides: `--listen` replaces the file's
     /// listeners with one listener named `cli` that keeps the first file
     /// listener's settings; `--agent` routes win over
-    /// the file's; `--engine` applies to every listener.
+    /// the file's; `--engine` applies to every listener; `--tls-cert` and
+    /// `--tls-key` make every listener a terminate listener.
     pub fn apply_cli(
         &mut self,
         listen: &[SocketAddr],
         agents: &[AgentArg],
         engine: Option<Engine>,
-    ) {
+        tls: &CliTls,
+    ) -> Result<(), String> {
         if !listen.is_empty() {
             // Keep the first file listener's settings (PROXY protocol,
             // timeouts, ...) so a production file can be tried on a test
@@ -518,8 +758,16 @@ impl Config {
         }
         for a in agents {
             match &a.pattern {
-                Some(p) => self.routes.insert(p.clone(), a.target.clone()),
-                None => self.routes.set_override(Some(a.target.clone())),
+                AgentPattern::Sni(p) => self.routes.insert(p.clone(), a.target.clone()),
+                AgentPattern::Path(p) => self.paths.insert(PrefixRoute {
+                    prefix: p.clone(),
+                    target: a.target.clone(),
+                    strip: true,
+                }),
+                AgentPattern::All => {
+                    self.routes.set_override(Some(a.target.clone()));
+                    self.paths.override_all = Some(a.target.clone());
+                }
             }
         }
         if let Some(e) = engine {
@@ -527,6 +775,57 @@ impl Config {
                 l.engine = e;
             }
         }
+        if tls.certs.len() != tls.keys.len() {
+            return Err(format!(
+                "give one --tls-key per --tls-cert ({} certificates, {} keys)",
+                tls.certs.len(),
+                tls.keys.len()
+            ));
+        }
+        let upstream_given = tls.upstream.is_some() || tls.upstream_ca.is_some();
+        let upstream = if upstream_given || !tls.certs.is_empty() {
+            Some(
+                upstream_tls(tls.upstream.as_deref(), tls.upstream_ca.clone()).map_err(|e| {
+                    e.replace("key `upstream_tls`", "--upstream-tls")
+                        .replace("`upstream_ca`", "--upstream-ca")
+                        .replace("key `upstream_ca`", "--upstream-ca")
+                })?,
+            )
+        } else {
+            None
+        };
+        let certs: Vec<CertFiles> = tls
+            .certs
+            .iter()
+            .zip(&tls.keys)
+            .map(|(c, k)| CertFiles {
+                cert: c.clone(),
+                key: k.clone(),
+            })
+            .collect();
+        for l in &mut self.listeners {
+            match (&mut l.terminate, certs.is_empty()) {
+                (None, true) if upstream_given => {
+                    return Err(format!("listener {}: --upstream-tls and --upstream-ca apply to terminate listeners; give --tls-cert and --tls-key", l.name));
+                }
+                (None, true) => {}
+                (None, false) => {
+                    let u = upstream.clone().unwrap_or(UpstreamTls::Off);
+                    l.terminate = Some(TerminateConfig::new(certs.clone(), u));
+                }
+                (Some(t), _) => {
+                    if !certs.is_empty() {
+                        t.certs = certs.clone();
+                    }
+                    if upstream_given {
+                        if let Some(u) = &upstream {
+                            t.upstream_tls = u.clone();
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Human-readable summary for `splicegate check`.
@@ -567,10 +866,31 @@ impl Config {
                     l.send_proxy, l.send_proxy_tlvs
                 );
             }
+            if let Some(t) = &l.terminate {
+                let _ = writeln!(
+                    s,
+                    "    mode=terminate upstream_tls={} head_max_bytes={} head_timeout={:?} request_idle_timeout={} forwarded_headers={}",
+                    t.upstream_tls,
+                    t.head_max_bytes,
+                    t.head_timeout,
+                    t.request_idle_timeout.map_or("none".into(), |d| format!("{d:?}")),
+                    t.forwarded_headers
+                );
+                for (i, c) in t.certs.iter().enumerate() {
+                    let default = if i == 0 { " (default)" } else { "" };
+                    let _ = writeln!(s, "    cert {c}{default}");
+                }
+            }
         }
         let _ = writeln!(s, "routes (first match wins):");
         for (rule, target) in self.routes.describe() {
             let _ = writeln!(s, "  {rule:<40} -> {target}");
+        }
+        if self.listeners.iter().any(|l| l.terminate.is_some()) {
+            let _ = writeln!(s, "path routes for terminate listeners (first match wins):");
+            for (rule, target) in self.paths.describe() {
+                let _ = writeln!(s, "  {rule:<40} -> {target}");
+            }
         }
         if !self.pools.is_empty() {
             let _ = writeln!(s, "pools:");
@@ -610,6 +930,19 @@ impl Config {
             self.drain_grace, self.drain_timeout
         );
         s
+    }
+}
+
+/// `upstream_tls` and `upstream_ca` as one setting. Verification is the
+/// default and needs a CA file; turning it off must be explicit.
+fn upstream_tls(kind: Option<&str>, ca: Option<std::path::PathBuf>) -> Result<UpstreamTls, String> {
+    match (kind.unwrap_or("verify"), ca) {
+        ("verify", Some(ca)) => Ok(UpstreamTls::Verify(ca)),
+        ("verify", None) => Err("key `upstream_tls`: verifying agents (the default) needs `upstream_ca`, a PEM file with the CA or the self-signed certificate of the agents (DCV generates a self-signed one per agent); or set upstream_tls = \"insecure\" to skip verification, or \"off\" for plain TCP".into()),
+        ("insecure", None) => Ok(UpstreamTls::Insecure),
+        ("off", None) => Ok(UpstreamTls::Off),
+        ("insecure" | "off", Some(_)) => Err("key `upstream_ca`: only used with upstream_tls = \"verify\"".into()),
+        (other, _) => Err(format!("key `upstream_tls`: `{other}` is not \"verify\", \"insecure\" or \"off\"")),
     }
 }
 
@@ -663,6 +996,9 @@ struct FileConfig {
     #[serde(default)]
     pool: Vec<PoolSection>,
     limits: Option<LimitsSection>,
+    #[serde(default)]
+    path_route: Vec<PathRouteSection>,
+    path_agent: Option<PathAgentSection>,
 }
 
 #[derive(Deserialize)]
@@ -737,6 +1073,40 @@ struct ListenerSection {
     allowed_vpce: Vec<String>,
     send_proxy: Option<SendProxy>,
     send_proxy_tlvs: Option<bool>,
+    mode: Option<Spanned<String>>,
+    #[serde(default)]
+    cert: Vec<Spanned<CertSection>>,
+    upstream_tls: Option<Spanned<String>>,
+    upstream_ca: Option<Spanned<std::path::PathBuf>>,
+    upstream_server_name: Option<Spanned<String>>,
+    head_max_bytes: Option<Spanned<usize>>,
+    head_timeout: Option<Spanned<Dur>>,
+    request_idle_timeout: Option<Spanned<Dur>>,
+    forwarded_headers: Option<Spanned<bool>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CertSection {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PathRouteSection {
+    prefix: Spanned<String>,
+    agent: Option<Parsed<Target>>,
+    pool: Option<Spanned<String>>,
+    strip_prefix: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PathAgentSection {
+    allow: Vec<Parsed<Cidr>>,
+    ports: Option<Vec<u16>>,
+    strip_prefix: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -763,6 +1133,7 @@ struct RoutingSection {
     default: Option<Parsed<Target>>,
     default_pool: Option<Spanned<String>>,
     no_sni: Option<NoSni>,
+    health_path: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -897,6 +1268,23 @@ mod tests {
     }
 
     #[test]
+    fn terminate_example_parses() {
+        let text = include_str!("../examples/terminate.toml");
+        let c = Config::parse(text, "examples/terminate.toml").unwrap();
+        let t = c.listeners[0].terminate.as_ref().unwrap();
+        assert_eq!(t.certs.len(), 2);
+        assert!(t.forwarded_headers);
+        match c.paths.resolve("/10.150.248.180/auth?x").unwrap() {
+            crate::route::path::PathDecision::Forward { target, path, .. } => {
+                assert_eq!(target.to_string(), "10.150.248.180:8443");
+                assert_eq!(path, "/auth?x");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(c.paths.resolve("/10.150.249.1/").is_err());
+    }
+
+    #[test]
     fn errors_name_line_and_key() {
         let text = "[[listener]]\nbind = \"127.0.0.1:0\"\n\n[[route]]\nsni = \"a.example\"\nagent = \"nope\"\n";
         let e = Config::parse(text, "x.toml").unwrap_err().to_string();
@@ -936,7 +1324,16 @@ mod tests {
     fn cli_overrides() {
         let mut c = Config::default();
         let a: AgentArg = "*.x.example=127.0.0.1:9".parse().unwrap();
-        c.apply_cli(&["127.0.0.1:0".parse().unwrap()], &[a], Some(Engine::Copy));
+        let p: AgentArg = "/desk1=127.0.0.1:10".parse().unwrap();
+        assert_eq!(p.pattern, AgentPattern::Path("/desk1/".into()));
+        c.apply_cli(
+            &["127.0.0.1:0".parse().unwrap()],
+            &[a, p],
+            Some(Engine::Copy),
+            &CliTls::default(),
+        )
+        .unwrap();
+        assert!(c.paths.has_prefix("/desk1/"));
         assert_eq!(c.listeners[0].name, "cli");
         assert_eq!(c.listeners[0].engine, Engine::Copy);
         assert!(c.routes.resolve(Some("d.x.example")).is_ok());

@@ -40,21 +40,29 @@ pub struct ListenerCtx {
     pub metrics: Arc<Metrics>,
     /// Connection limits.
     pub limits: Arc<Limits>,
+    /// TLS state when the listener terminates TLS (None: passthrough).
+    pub tls: Option<Arc<crate::terminate::Tls>>,
 }
 
 /// What the access log says about a connection.
 #[derive(Default)]
-struct Record {
-    hello: Option<ClientHello>,
-    route: Option<String>,
-    agent: Option<String>,
-    counters: Option<Arc<Counters>>,
+pub(crate) struct Record {
+    pub(crate) hello: Option<ClientHello>,
+    pub(crate) route: Option<String>,
+    pub(crate) agent: Option<String>,
+    pub(crate) counters: Option<Arc<Counters>>,
     /// A LOCAL header followed by a close: a load-balancer health probe.
-    probe: bool,
+    pub(crate) probe: bool,
+    /// Terminate mode: the request path (without the query string, which
+    /// may carry DCV auth tokens).
+    pub(crate) path: Option<String>,
+    /// Terminate mode: the response status (the agent's, or splicegate's
+    /// own for errors, health and redirects).
+    pub(crate) status: Option<u16>,
 }
 
 /// Failure before forwarding: (short kind, full reason).
-type Refusal = (&'static str, String);
+pub(crate) type Refusal = (&'static str, String);
 
 /// Serve one accepted connection to the end.
 pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<ListenerCtx>, id: u64) {
@@ -85,6 +93,8 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<ListenerCtx>, 
             (c.to_agent.load(Relaxed), c.to_client.load(Relaxed))
         });
         let duration_ms = started.elapsed().as_millis() as u64;
+        let path = rec.path.as_deref().unwrap_or("-");
+        let status = rec.status.map_or_else(|| "-".to_owned(), |s| s.to_string());
         macro_rules! closed {
             ($level:ident) => {
                 tracing::$level!(
@@ -93,6 +103,8 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<ListenerCtx>, 
                     alpn = %alpn,
                     route,
                     agent,
+                    path,
+                    status = %status,
                     bytes_to_agent = to_agent,
                     bytes_to_client = to_client,
                     duration_ms,
@@ -210,12 +222,32 @@ async fn serve(
         }
         Err(e) => {
             ctx.metrics.hello(name, e.kind(), None);
+            if ctx.tls.is_some() && e.plain_http() {
+                crate::terminate::reply_plain_http(&mut client, id).await;
+                rec.status = Some(400);
+            }
             return Err((e.kind(), format!("hello: {e}")));
         }
     };
     let hello_wait = started.elapsed();
     let hello_outcome = if hello.sni.is_some() { "ok" } else { "no_sni" };
     ctx.metrics.hello(name, hello_outcome, Some(hello_wait));
+    if let Some(tls) = &ctx.tls {
+        rec.hello = Some(hello);
+        let out_header = outgoing_header(cfg, header.as_ref(), real_client, &client);
+        return crate::terminate::serve(
+            client,
+            replay,
+            ctx,
+            tls,
+            started,
+            rec,
+            id,
+            real_client,
+            out_header,
+        )
+        .await;
+    }
     let routing = ctx.routes.current();
     let decision = routing
         .table
@@ -253,15 +285,7 @@ async fn serve(
 
     // PROXY header to the agent, then every byte read while sniffing,
     // before any spliced byte.
-    let counters = Arc::new(Counters::default());
-    let key = (
-        name.to_owned(),
-        rec.route.clone().unwrap_or_default(),
-        rec.agent.clone().unwrap_or_default(),
-    );
-    ctx.metrics
-        .forwarding(id, key, connect_time, Arc::clone(&counters));
-    rec.counters = Some(Arc::clone(&counters));
+    let counters = register(ctx, rec, id, connect_time);
     let out_header = outgoing_header(cfg, header.as_ref(), real_client, &client);
     for bytes in [out_header.as_slice(), replay.as_slice()] {
         agent.write_all(bytes).await.map_err(|e| {
@@ -296,6 +320,26 @@ async fn serve(
     };
     let mut drain = ctx.drain.clone();
     Ok(forward::run(&client, &agent, opts, &mut drain, &counters).await)
+}
+
+/// Register a connection that starts forwarding with `/metrics` and the
+/// access record; returns its byte counters.
+pub(crate) fn register(
+    ctx: &ListenerCtx,
+    rec: &mut Record,
+    id: u64,
+    connect_time: std::time::Duration,
+) -> Arc<Counters> {
+    let counters = Arc::new(Counters::default());
+    let key = (
+        ctx.config.name.clone(),
+        rec.route.clone().unwrap_or_default(),
+        rec.agent.clone().unwrap_or_default(),
+    );
+    ctx.metrics
+        .forwarding(id, key, connect_time, Arc::clone(&counters));
+    rec.counters = Some(Arc::clone(&counters));
+    counters
 }
 
 /// Map PROXY read failures to outcome labels distinct from the ClientHello's.

@@ -62,7 +62,9 @@ pub async fn run(opts: DemoOptions) -> Result<(), Box<dyn Error>> {
         .replace("{ALPHA}", &alpha.addr.port().to_string())
         .replace("{BETA}", &beta.addr.port().to_string());
     let mut config = Config::parse(&text, "<demo config>")?;
-    config.apply_cli(&[], &[], Some(opts.engine));
+    config
+        .apply_cli(&[], &[], Some(opts.engine), &Default::default())
+        .map_err(|e| -> Box<dyn Error> { e.into() })?;
     let server = Server::start(config.clone())?;
     let proxy = server.local_addrs()[0].1;
 

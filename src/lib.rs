@@ -9,6 +9,11 @@
 //! counting. [`config`] parses and validates the file and command line
 //! beside that path; [`server`] starts listeners and drains on shutdown;
 //! [`admin`] serves health and metrics; [`notify`] talks to systemd.
+//!
+//! On terminate listeners [`terminate`] takes over after the ClientHello:
+//! TLS at the proxy, the agent chosen from the HTTP request path
+//! ([`route::path`]), TLS to the agent ([`upstream::tls`]) and userspace
+//! streaming ([`forward::stream`]).
 
 #![warn(missing_docs)]
 
@@ -28,5 +33,6 @@ pub mod proxy_protocol;
 pub mod route;
 pub mod server;
 pub mod sniff;
+pub mod terminate;
 pub mod testkit;
 pub mod upstream;

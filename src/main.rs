@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use splicegate::config::{AgentArg, Config};
+use splicegate::config::{AgentArg, CliTls, Config};
 use splicegate::forward::Engine;
 use splicegate::logging::{self, LogFormat};
 use splicegate::server::Server;
@@ -32,6 +32,20 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Write a private key and a self-signed certificate with the given
+    /// SANs, for a terminate listener (or for tests).
+    Cert {
+        /// Directory for `cert.pem` and `key.pem` (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Subject alternative name: `DNS:name`, `DNS:*.suffix` or
+        /// `IP:address`. Repeatable; the first is also the common name.
+        #[arg(long, required = true)]
+        san: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
     /// Start the proxy with two built-in loopback agents and show routing.
     Demo {
         /// Proxy address (port 0 picks a free port).
@@ -55,13 +69,30 @@ struct RunArgs {
     #[arg(long)]
     listen: Vec<SocketAddr>,
     /// `HOST:PORT` sends every connection there; `PATTERN=HOST:PORT` adds a
-    /// route for an SNI pattern (`agent1.example`, `*.dcv.example`).
+    /// route for an SNI pattern (`agent1.example`, `*.dcv.example`);
+    /// `/PREFIX/=HOST:PORT` a path route on terminate listeners.
     /// Repeatable; wins over the file.
     #[arg(long, value_parser = parse_agent)]
     agent: Vec<AgentArg>,
     /// Forwarding engine for every listener.
     #[arg(long, value_enum)]
     engine: Option<Engine>,
+    /// Terminate TLS with this PEM certificate chain (every listener
+    /// becomes a terminate listener). Repeatable, paired with --tls-key;
+    /// the first is the default certificate.
+    #[arg(long)]
+    tls_cert: Vec<PathBuf>,
+    /// PEM private key (PKCS#8, RSA or EC) for the --tls-cert at the same
+    /// position.
+    #[arg(long)]
+    tls_key: Vec<PathBuf>,
+    /// TLS to agents on terminate listeners: verify (needs --upstream-ca),
+    /// insecure (no certificate check) or off (plain TCP).
+    #[arg(long, value_parser = ["verify", "insecure", "off"])]
+    upstream_tls: Option<String>,
+    /// PEM file with the CA (or self-signed certificate) agents present.
+    #[arg(long)]
+    upstream_ca: Option<PathBuf>,
 }
 
 fn parse_agent(s: &str) -> Result<AgentArg, String> {
@@ -73,6 +104,7 @@ fn main() -> ExitCode {
     logging::init(cli.log_format);
     let result = match cli.command {
         Command::Check { config } => check(&config),
+        Command::Cert { out, san, days } => cert(&out, &san, days),
         Command::Run(args) => run(args),
         Command::Demo {
             listen,
@@ -106,7 +138,37 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 fn check(path: &std::path::Path) -> Result<(), String> {
     let config = Config::load(path).map_err(|e| e.to_string())?;
     print!("{}", config.summary());
+    for l in &config.listeners {
+        let Some(t) = &l.terminate else { continue };
+        let store = splicegate::terminate::certs::CertStore::load(t.certs.clone())
+            .map_err(|e| format!("listener {}: {e}", l.name))?;
+        for w in splicegate::terminate::certs::uncovered(&store.leaves(), &config.routes) {
+            println!("warning: listener {}: {w}", l.name);
+        }
+    }
     println!("{}: OK", path.display());
+    Ok(())
+}
+
+fn cert(out: &std::path::Path, sans: &[String], days: u32) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let g = splicegate::terminate::certs::generate(sans, days)?;
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let key_path = out.join("key.pem");
+    let cert_path = out.join("cert.pem");
+    let mut key = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&key_path)
+        .map_err(|e| format!("{}: {e}", key_path.display()))?;
+    key.write_all(g.key_pem.as_bytes())
+        .map_err(|e| format!("{}: {e}", key_path.display()))?;
+    std::fs::write(&cert_path, &g.cert_pem).map_err(|e| format!("{}: {e}", cert_path.display()))?;
+    println!("wrote {} and {}", cert_path.display(), key_path.display());
+    println!("subject alternative names: {}", sans.join(", "));
     Ok(())
 }
 
@@ -115,7 +177,13 @@ fn load(args: &RunArgs) -> Result<Config, String> {
         Some(p) => Config::load(p).map_err(|e| e.to_string())?,
         None => Config::default(),
     };
-    config.apply_cli(&args.listen, &args.agent, args.engine);
+    let tls = CliTls {
+        certs: args.tls_cert.clone(),
+        keys: args.tls_key.clone(),
+        upstream: args.upstream_tls.clone(),
+        upstream_ca: args.upstream_ca.clone(),
+    };
+    config.apply_cli(&args.listen, &args.agent, args.engine, &tls)?;
     Ok(config)
 }
 
@@ -156,13 +224,15 @@ fn run(args: RunArgs) -> Result<(), String> {
 }
 
 /// SIGHUP: re-read the file and swap the routing table for new
-/// connections. Established sessions keep their agents. Listener, admin and
-/// shutdown settings need a restart. A bad file keeps the running table.
+/// connections, and re-read terminate listeners' certificate files.
+/// Established sessions keep their agents and certificates. Listener,
+/// admin and shutdown settings need a restart. A bad file keeps the running
+/// table; a bad certificate keeps the running certificates.
 fn reload(args: &RunArgs, server: &Server) {
     match load(args) {
         Ok(config) => {
             let rules = config.routes.describe().len();
-            server.reload_routes(config.routes, &config.pools);
+            server.reload_routes(config.routes, config.paths, &config.pools);
             tracing::info!(
                 event = "reloaded",
                 rules,
@@ -173,4 +243,5 @@ fn reload(args: &RunArgs, server: &Server) {
             tracing::error!(event = "reload_failed", error = %e, "reload failed; keeping the running routes")
         }
     }
+    server.reload_certs();
 }

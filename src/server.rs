@@ -15,7 +15,9 @@ use crate::conn::ListenerCtx;
 use crate::listener;
 use crate::metrics::Metrics;
 use crate::notify;
+use crate::route::path::PathTable;
 use crate::route::RouteTable;
+use crate::terminate::certs::CertStore;
 use crate::upstream::health;
 use crate::upstream::pool::{Pool, PoolConfig};
 use std::collections::HashMap;
@@ -26,6 +28,14 @@ pub enum StartError {
     /// No listener is configured.
     #[error("no listener configured: give --listen ADDR or a [[listener]] in the config file")]
     NoListeners,
+    /// A terminate listener's certificates or agent TLS settings are unusable.
+    #[error("listener {listener}: {what}")]
+    Tls {
+        /// Listener name.
+        listener: String,
+        /// What is wrong (file and reason).
+        what: String,
+    },
     /// A listener could not bind.
     #[error("listener {listener}: cannot listen on {addr}: {source}")]
     Bind {
@@ -43,6 +53,8 @@ pub enum StartError {
 pub struct Routing {
     /// Name → target rules.
     pub table: RouteTable,
+    /// Path rules for terminate listeners.
+    pub paths: PathTable,
     /// Pools by name.
     pub pools: HashMap<String, Arc<Pool>>,
     checks: Vec<JoinHandle<()>>,
@@ -50,7 +62,7 @@ pub struct Routing {
 
 impl Routing {
     /// Build the pools and start their health checks (inside a runtime).
-    pub fn start(table: RouteTable, pools: &[PoolConfig]) -> Routing {
+    pub fn start(table: RouteTable, paths: PathTable, pools: &[PoolConfig]) -> Routing {
         let pools: HashMap<String, Arc<Pool>> = pools
             .iter()
             .map(|p| (p.name.clone(), Arc::new(Pool::new(p.clone()))))
@@ -58,6 +70,7 @@ impl Routing {
         let checks = pools.values().flat_map(health::spawn).collect();
         Routing {
             table,
+            paths,
             pools,
             checks,
         }
@@ -155,6 +168,7 @@ pub struct Server {
     metrics: Arc<Metrics>,
     admin: Option<SocketAddr>,
     routes: Arc<SharedRoutes>,
+    certs: Vec<(String, Arc<CertStore>)>,
 }
 
 impl Server {
@@ -182,8 +196,23 @@ impl Server {
             admin = Some(local);
             admin_listener = Some(l);
         }
+        let mut tls = HashMap::new();
+        for l in &config.listeners {
+            if let Some(t) = &l.terminate {
+                let state = crate::terminate::Tls::new(t).map_err(|what| StartError::Tls {
+                    listener: l.name.clone(),
+                    what,
+                })?;
+                tls.insert(l.name.clone(), Arc::new(state));
+            }
+        }
+        let certs = tls
+            .iter()
+            .map(|(name, t)| (name.clone(), Arc::clone(&t.store)))
+            .collect();
         let routes = Arc::new(SharedRoutes::new(Routing::start(
             config.routes,
+            config.paths,
             &config.pools,
         )));
         let limits = Arc::new(crate::limits::Limits::new(config.limits));
@@ -225,8 +254,9 @@ impl Server {
                 source,
             })?;
             tracing::info!(event = "listening", listener = %name, addr = %local, engine = %l.engine, "listening");
-            addrs.push((name, local));
+            addrs.push((name.clone(), local));
             let ctx = Arc::new(ListenerCtx {
+                tls: tls.get(&name).cloned(),
                 config: l,
                 routes: Arc::clone(&routes),
                 drain: drain_rx.clone(),
@@ -256,13 +286,31 @@ impl Server {
             metrics,
             admin,
             routes,
+            certs,
         })
     }
 
     /// Replace the routing table and pools for new connections (SIGHUP
     /// reload). Pools start with fresh health state.
-    pub fn reload_routes(&self, table: RouteTable, pools: &[PoolConfig]) {
-        self.routes.replace(Routing::start(table, pools));
+    pub fn reload_routes(&self, table: RouteTable, paths: PathTable, pools: &[PoolConfig]) {
+        self.routes.replace(Routing::start(table, paths, pools));
+    }
+
+    /// Re-read every terminate listener's certificate files (SIGHUP). A
+    /// listener whose new files fail to load keeps its running
+    /// certificates; the error is logged with the file and reason.
+    /// Established connections are not touched.
+    pub fn reload_certs(&self) {
+        for (name, store) in &self.certs {
+            match store.reload() {
+                Ok(n) => {
+                    tracing::info!(event = "certs_reloaded", listener = %name, certificates = n, "certificates reloaded")
+                }
+                Err(e) => {
+                    tracing::error!(event = "certs_reload_failed", listener = %name, error = %e, "certificate reload failed; keeping the running certificates")
+                }
+            }
+        }
     }
 
     /// The admin listener's address, if configured.

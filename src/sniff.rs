@@ -110,6 +110,12 @@ impl SniffError {
             SniffError::ProxyHeader => "proxy_header",
         }
     }
+
+    /// The client sent plain text that looks like an HTTP request: a
+    /// terminate listener answers it with a 400 saying the port speaks TLS.
+    pub fn plain_http(&self) -> bool {
+        matches!(self, SniffError::NotTls(m) if m.starts_with("plain text"))
+    }
 }
 
 /// Result of feeding bytes to a [`HelloParser`].

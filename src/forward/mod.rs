@@ -18,6 +18,7 @@
 
 pub mod copy;
 pub mod splice;
+pub mod stream;
 
 use std::fmt;
 use std::io;
@@ -185,7 +186,7 @@ async fn pump(
 /// Resolves when neither counter moved for `timeout`. It samples four times
 /// per period, so it fires between `timeout` and 1.25 × `timeout` after the
 /// last byte.
-async fn idle(timeout: Option<Duration>, a: &AtomicU64, b: &AtomicU64) -> Duration {
+pub(crate) async fn idle(timeout: Option<Duration>, a: &AtomicU64, b: &AtomicU64) -> Duration {
     let Some(timeout) = timeout else {
         return std::future::pending().await;
     };

@@ -3,6 +3,7 @@
 
 pub mod health;
 pub mod pool;
+pub mod tls;
 
 use std::io;
 use std::net::SocketAddr;

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -133,6 +135,12 @@ impl Proxy {
                 ),
             }
         }
+    }
+
+    /// Whether an event named `name` was already seen (e.g. logged before
+    /// `listening`).
+    pub fn saw(&self, name: &str) -> bool {
+        self.seen.iter().any(|v| v["event"] == name)
     }
 
     /// Wait for the `closed` event of a connection with this outcome.

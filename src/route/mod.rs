@@ -1,4 +1,5 @@
-//! Routing: from a normalised SNI to an agent. Pure: no I/O, no clocks.
+//! Routing: from a normalised SNI to an agent ([`path`]: from an HTTP
+//! request path, for terminate listeners). Pure: no I/O, no clocks.
 //!
 //! Order of precedence, first match wins:
 //! 1. the command-line catch-all override (`--agent HOST:PORT`);
@@ -10,6 +11,8 @@
 //!
 //! A name that matches an agent-in-name suffix but encodes a disallowed or
 //! invalid address is refused; it never falls through to later rules.
+
+pub mod path;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -275,6 +278,22 @@ impl RouteTable {
     /// Send every connection to one agent (testing override).
     pub fn set_override(&mut self, target: Option<Target>) {
         self.override_all = target;
+    }
+
+    /// The exact and wildcard SNI patterns, sorted.
+    pub fn patterns(&self) -> Vec<SniPattern> {
+        let mut out: Vec<SniPattern> = self
+            .exact
+            .keys()
+            .map(|n| SniPattern::Exact(n.clone()))
+            .chain(
+                self.wildcard
+                    .keys()
+                    .map(|s| SniPattern::Wildcard(s.clone())),
+            )
+            .collect();
+        out.sort_by_key(|p| p.to_string());
+        out
     }
 
     /// All configured rules, in precedence order, for `check` output.

@@ -1,0 +1,435 @@
+//! Path routing for terminate-mode listeners: from the request target of
+//! the first HTTP request line to an agent. Pure: no I/O, no clocks.
+//!
+//! Order of precedence, first match wins:
+//! 1. the health path (default `/health`), answered by splicegate itself;
+//! 2. an agent in the path, `/{ipv4}[:port]/rest` (the scheme of the
+//!    nginx configurations DCV users ran), honoured only for addresses
+//!    inside the configured `allow` networks and ports. A first path
+//!    segment that looks like an IPv4 address never falls through to later
+//!    rules: it is routed, refused (403) or rejected as malformed (400);
+//! 3. the longest configured prefix (`/desk1/`); the prefix `/` is the
+//!    default route.
+//!
+//! A path equal to a prefix without its trailing slash (`/desk1`,
+//! `/10.150.248.180`) is redirected to the slashed form, as nginx does, so
+//! the DCV web client's relative URLs resolve under the prefix.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use crate::cidr::Cidr;
+use crate::route::Target;
+
+/// A configured path prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrefixRoute {
+    /// The prefix, starting and ending with `/` (`/desk1/`, or `/`).
+    pub prefix: String,
+    /// Where it goes.
+    pub target: Target,
+    /// Remove the prefix before forwarding (`/desk1/x` reaches the agent as
+    /// `/x`). Off for agents configured with DCV's `web-url-path`.
+    pub strip: bool,
+}
+
+/// Agents named in the path: `/{ipv4}[:port]/rest`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathAgent {
+    /// Networks the address must fall in. Empty refuses everything.
+    pub allow: Vec<Cidr>,
+    /// Ports that may be named; the first is used when the path names none.
+    pub ports: Vec<u16>,
+    /// Remove `/{ipv4}[:port]` before forwarding.
+    pub strip: bool,
+}
+
+/// The path routes shared by all terminate listeners.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathTable {
+    /// Path answered locally with the proxy's health (None: not answered).
+    pub health: Option<String>,
+    /// Agents in the path (None: a path naming an address is refused).
+    pub agent_in_path: Option<PathAgent>,
+    /// Prefix routes, longest first.
+    prefixes: Vec<PrefixRoute>,
+    /// Catch-all from `--agent HOST:PORT`: every forwarded request goes
+    /// there (the health path is still answered locally).
+    pub override_all: Option<Target>,
+}
+
+impl Default for PathTable {
+    fn default() -> Self {
+        PathTable {
+            health: Some("/health".to_owned()),
+            agent_in_path: None,
+            prefixes: Vec::new(),
+            override_all: None,
+        }
+    }
+}
+
+/// Where a request goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathDecision {
+    /// Answer with the proxy's health.
+    Health,
+    /// Answer with a redirect to this location (the slashed prefix).
+    Redirect(String),
+    /// Forward to `target` with the request target rewritten to `path`.
+    Forward {
+        /// The rule that matched, for logs and metrics.
+        route: String,
+        /// The agent or pool.
+        target: Target,
+        /// Request target to send to the agent (path and query).
+        path: String,
+    },
+}
+
+/// Why a request is not forwarded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    /// The first segment looks like an address but is not a valid one.
+    #[error("path segment {0:?} is not a valid IPv4 address[:port]")]
+    BadAddress(String),
+    /// An address in the path, but agents in the path are not configured.
+    #[error("path names agent {0}, but agents in the path are not enabled ([path_agent])")]
+    NotEnabled(String),
+    /// The address or port is outside the allow list.
+    #[error(
+        "path names agent {0}, which is outside the allowed networks and ports of [path_agent]"
+    )]
+    NotAllowed(SocketAddr),
+    /// No prefix matches and there is no `/` route.
+    #[error("no route for path {0:?}")]
+    NoRoute(String),
+}
+
+impl PathError {
+    /// Stable short label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PathError::BadAddress(_) => "bad_request",
+            PathError::NotEnabled(_) | PathError::NotAllowed(_) => "agent_not_allowed",
+            PathError::NoRoute(_) => "no_route",
+        }
+    }
+
+    /// The HTTP status the client is answered with.
+    pub fn status(&self) -> u16 {
+        match self {
+            PathError::BadAddress(_) => 400,
+            PathError::NotEnabled(_) | PathError::NotAllowed(_) => 403,
+            PathError::NoRoute(_) => 404,
+        }
+    }
+}
+
+impl fmt::Display for PrefixRoute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "prefix:{}", self.prefix)
+    }
+}
+
+impl PathTable {
+    /// An empty table answering `/health`.
+    pub fn new() -> Self {
+        PathTable::default()
+    }
+
+    /// Add or replace a prefix route. `prefix` must start and end with `/`.
+    pub fn insert(&mut self, route: PrefixRoute) {
+        self.prefixes.retain(|p| p.prefix != route.prefix);
+        self.prefixes.push(route);
+        self.prefixes
+            .sort_by_key(|p| std::cmp::Reverse(p.prefix.len()));
+    }
+
+    /// Whether a route for exactly this prefix exists.
+    pub fn has_prefix(&self, prefix: &str) -> bool {
+        self.prefixes.iter().any(|p| p.prefix == prefix)
+    }
+
+    /// Whether any request can be forwarded at all.
+    pub fn is_empty(&self) -> bool {
+        self.prefixes.is_empty() && self.agent_in_path.is_none() && self.override_all.is_none()
+    }
+
+    /// Rules in precedence order, for `splicegate check`.
+    pub fn describe(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if let Some(t) = &self.override_all {
+            out.push(("path override (--agent)".to_owned(), t.to_string()));
+        }
+        if let Some(h) = &self.health {
+            out.push((format!("path {h}"), "answered locally".to_owned()));
+        }
+        if let Some(a) = &self.agent_in_path {
+            let allow: Vec<String> = a.allow.iter().map(|c| c.to_string()).collect();
+            let ports: Vec<String> = a.ports.iter().map(|p| p.to_string()).collect();
+            out.push((
+                format!("path /{{ipv4}}[:port]/ strip={}", a.strip),
+                format!(
+                    "that address, inside [{}] on ports [{}]",
+                    allow.join(", "),
+                    ports.join(", ")
+                ),
+            ));
+        }
+        for p in &self.prefixes {
+            out.push((
+                format!("path {} strip={}", p.prefix, p.strip),
+                p.target.to_string(),
+            ));
+        }
+        out
+    }
+
+    /// Route an origin-form request target (`/path?query`).
+    pub fn resolve(&self, target: &str) -> Result<PathDecision, PathError> {
+        let (path, query) = match target.find('?') {
+            Some(i) => target.split_at(i),
+            None => (target, ""),
+        };
+        if self.health.as_deref() == Some(path) {
+            return Ok(PathDecision::Health);
+        }
+        if let Some(t) = &self.override_all {
+            return Ok(PathDecision::Forward {
+                route: "override".to_owned(),
+                target: t.clone(),
+                path: target.to_owned(),
+            });
+        }
+        let rest = path.strip_prefix('/').unwrap_or(path);
+        let (segment, after) = match rest.find('/') {
+            Some(i) => (&rest[..i], Some(&rest[i..])),
+            None => (rest, None),
+        };
+        if looks_like_address(segment) {
+            return self.agent_in_path(segment, after, target, query);
+        }
+        for p in &self.prefixes {
+            let bare = &p.prefix[..p.prefix.len() - 1];
+            if p.prefix != "/" && path == bare {
+                return Ok(PathDecision::Redirect(format!("{}{query}", p.prefix)));
+            }
+            if let Some(tail) = path.strip_prefix(bare) {
+                if !tail.starts_with('/') {
+                    continue;
+                }
+                let path = if p.strip {
+                    format!("{tail}{query}")
+                } else {
+                    target.to_owned()
+                };
+                return Ok(PathDecision::Forward {
+                    route: p.to_string(),
+                    target: p.target.clone(),
+                    path,
+                });
+            }
+        }
+        Err(PathError::NoRoute(path.to_owned()))
+    }
+
+    fn agent_in_path(
+        &self,
+        segment: &str,
+        after: Option<&str>,
+        target: &str,
+        query: &str,
+    ) -> Result<PathDecision, PathError> {
+        let (ip, port) =
+            parse_ip_port(segment).ok_or_else(|| PathError::BadAddress(segment.to_owned()))?;
+        let Some(rule) = &self.agent_in_path else {
+            return Err(PathError::NotEnabled(segment.to_owned()));
+        };
+        let port = match port {
+            Some(p) => p,
+            None => *rule.ports.first().unwrap_or(&8443),
+        };
+        let addr = SocketAddr::new(IpAddr::V4(ip), port);
+        let allowed =
+            rule.ports.contains(&port) && rule.allow.iter().any(|c| c.contains(IpAddr::V4(ip)));
+        if !allowed {
+            return Err(PathError::NotAllowed(addr));
+        }
+        let Some(tail) = after else {
+            return Ok(PathDecision::Redirect(format!("/{segment}/{query}")));
+        };
+        let path = if rule.strip {
+            format!("{tail}{query}")
+        } else {
+            target.to_owned()
+        };
+        Ok(PathDecision::Forward {
+            route: "agent-in-path".to_owned(),
+            target: Target::Addr(addr),
+            path,
+        })
+    }
+}
+
+/// A segment made only of digits, dots and at most one colon, with at
+/// least one dot and starting with a digit: meant as an address, valid or
+/// not. `desk1`, `v1.2` style names with letters are prefixes.
+fn looks_like_address(segment: &str) -> bool {
+    segment.starts_with(|c: char| c.is_ascii_digit())
+        && segment.contains('.')
+        && segment
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b == b'.' || b == b':')
+}
+
+/// `10.150.248.180` or `10.150.248.180:8443`. Octets 0–255 without leading
+/// zeros (so `010.1.1.1` is not silently octal or decimal); port 1–65535.
+pub fn parse_ip_port(segment: &str) -> Option<(Ipv4Addr, Option<u16>)> {
+    let (ip, port) = match segment.split_once(':') {
+        Some((ip, port)) => (ip, Some(port)),
+        None => (segment, None),
+    };
+    let mut octets = [0u8; 4];
+    let mut parts = ip.split('.');
+    for o in &mut octets {
+        let p = parts.next()?;
+        if p.is_empty() || p.len() > 3 || (p.len() > 1 && p.starts_with('0')) {
+            return None;
+        }
+        *o = p.parse().ok()?;
+    }
+    if parts.next().is_some() {
+        return None;
+    }
+    let port = match port {
+        None => None,
+        Some(p) => {
+            if p.is_empty() || p.len() > 5 || p.starts_with('0') {
+                return None;
+            }
+            Some(p.parse::<u16>().ok().filter(|&n| n > 0)?)
+        }
+    };
+    Some((Ipv4Addr::from(octets), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> Target {
+        s.parse().unwrap()
+    }
+
+    fn table() -> PathTable {
+        let mut p = PathTable::new();
+        p.agent_in_path = Some(PathAgent {
+            allow: vec!["10.150.248.0/24".parse().unwrap()],
+            ports: vec![8443, 8444],
+            strip: true,
+        });
+        p.insert(PrefixRoute {
+            prefix: "/".into(),
+            target: t("10.0.0.1:8443"),
+            strip: true,
+        });
+        p.insert(PrefixRoute {
+            prefix: "/desk1/".into(),
+            target: t("10.0.0.2:8443"),
+            strip: true,
+        });
+        p.insert(PrefixRoute {
+            prefix: "/keep/".into(),
+            target: t("10.0.0.3:8443"),
+            strip: false,
+        });
+        p
+    }
+
+    fn fwd(p: &PathTable, target: &str) -> (String, String) {
+        match p.resolve(target).unwrap() {
+            PathDecision::Forward { target, path, .. } => (target.to_string(), path),
+            other => panic!("{target}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn agent_in_path_is_stripped_and_keeps_the_query() {
+        let p = table();
+        assert_eq!(
+            fwd(&p, "/10.150.248.180/auth?x=1"),
+            ("10.150.248.180:8443".into(), "/auth?x=1".into())
+        );
+        assert_eq!(
+            fwd(&p, "/10.150.248.180:8444/"),
+            ("10.150.248.180:8444".into(), "/".into())
+        );
+        assert_eq!(
+            p.resolve("/10.150.248.180?x").unwrap(),
+            PathDecision::Redirect("/10.150.248.180/?x".into())
+        );
+    }
+
+    #[test]
+    fn addresses_outside_allow_or_malformed_are_refused() {
+        let p = table();
+        for (path, kind, status) in [
+            ("/10.150.249.1/", "agent_not_allowed", 403),
+            ("/127.0.0.1/", "agent_not_allowed", 403),
+            ("/10.150.248.180:22/", "agent_not_allowed", 403),
+            ("/999.1.1.1/", "bad_request", 400),
+            ("/10.150.248.08/", "bad_request", 400),
+            ("/10.150.248/", "bad_request", 400),
+            ("/10.150.248.1.1/", "bad_request", 400),
+            ("/10.150.248.1:0/", "bad_request", 400),
+            ("/10.150.248.1:99999/", "bad_request", 400),
+            ("/10.150.248.1:/", "bad_request", 400),
+        ] {
+            let e = p.resolve(path).unwrap_err();
+            assert_eq!((e.kind(), e.status()), (kind, status), "{path}: {e}");
+        }
+        let mut off = table();
+        off.agent_in_path = None;
+        let e = off.resolve("/10.150.248.180/").unwrap_err();
+        assert_eq!(e.status(), 403, "{e}");
+    }
+
+    #[test]
+    fn prefixes_longest_first_with_default() {
+        let p = table();
+        assert_eq!(
+            fwd(&p, "/desk1/x/y?z"),
+            ("10.0.0.2:8443".into(), "/x/y?z".into())
+        );
+        assert_eq!(
+            fwd(&p, "/desk1x/"),
+            ("10.0.0.1:8443".into(), "/desk1x/".into())
+        );
+        assert_eq!(fwd(&p, "/"), ("10.0.0.1:8443".into(), "/".into()));
+        assert_eq!(
+            fwd(&p, "/keep/a"),
+            ("10.0.0.3:8443".into(), "/keep/a".into())
+        );
+        assert_eq!(
+            p.resolve("/desk1").unwrap(),
+            PathDecision::Redirect("/desk1/".into())
+        );
+        assert_eq!(p.resolve("/health").unwrap(), PathDecision::Health);
+        assert_eq!(p.resolve("/health?full").unwrap(), PathDecision::Health);
+        // Letters make it a name, not an address.
+        assert_eq!(fwd(&p, "/v1.2/x").0, "10.0.0.1:8443");
+    }
+
+    #[test]
+    fn no_default_means_404() {
+        let mut p = PathTable::new();
+        p.insert(PrefixRoute {
+            prefix: "/desk1/".into(),
+            target: t("10.0.0.2:8443"),
+            strip: true,
+        });
+        assert_eq!(p.resolve("/other").unwrap_err().status(), 404);
+        assert_eq!(p.resolve("/").unwrap_err().status(), 404);
+    }
+}

@@ -1,0 +1,192 @@
+//! TLS toward the agent, for terminate listeners. DCV serves HTTPS on 8443,
+//! by default with a self-signed certificate, so the agent's certificate is
+//! verified against a CA file the operator gives, or verification is
+//! switched off explicitly (`upstream_tls = "insecure"`, logged at startup),
+//! or the leg is plain TCP (`off`).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::route::Target;
+
+/// How the leg to the agent is secured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamTls {
+    /// TLS, agent certificate verified against the CAs in this PEM file.
+    Verify(PathBuf),
+    /// TLS without verifying the agent's certificate.
+    Insecure,
+    /// Plain TCP.
+    Off,
+}
+
+impl fmt::Display for UpstreamTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpstreamTls::Verify(p) => write!(f, "verify against {}", p.display()),
+            UpstreamTls::Insecure => f.write_str("insecure (agent certificate not verified)"),
+            UpstreamTls::Off => f.write_str("off (plain TCP)"),
+        }
+    }
+}
+
+/// Why the TLS leg to the agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The handshake failed (certificate not trusted, protocol error, ...).
+    #[error("TLS handshake with agent {agent} failed: {source}")]
+    Handshake {
+        /// The agent.
+        agent: String,
+        /// The rustls or I/O error.
+        source: std::io::Error,
+    },
+    /// The handshake did not finish in time.
+    #[error("TLS handshake with agent {agent} timed out after {after:?}")]
+    Timeout {
+        /// The agent.
+        agent: String,
+        /// The limit.
+        after: Duration,
+    },
+    /// No usable name to verify the agent's certificate against.
+    #[error("agent {0}: no server name to verify its certificate against")]
+    Name(String),
+}
+
+/// A connector for one listener's agents (None for plain TCP).
+pub fn connector(mode: &UpstreamTls) -> Result<Option<TlsConnector>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?;
+    let mut cfg = match mode {
+        UpstreamTls::Off => return Ok(None),
+        UpstreamTls::Verify(ca) => builder
+            .with_root_certificates(roots(ca)?)
+            .with_no_client_auth(),
+        UpstreamTls::Insecure => return Ok(Some(TlsConnector::from(Arc::new(insecure_config())))),
+    };
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Some(TlsConnector::from(Arc::new(cfg))))
+}
+
+/// A client configuration that completes the handshake with any agent
+/// certificate (ALPN `http/1.1`): for `upstream_tls = "insecure"` and for
+/// active health checks.
+pub fn insecure_config() -> ClientConfig {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .expect("the ring provider supports TLS 1.2 and 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg
+}
+
+fn roots(ca: &Path) -> Result<RootCertStore, String> {
+    let name = ca.display();
+    let mut store = RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca).map_err(|e| format!("{name}: {e:?}"))?;
+    for c in certs {
+        let c = c.map_err(|e| format!("{name}: not valid PEM: {e:?}"))?;
+        store
+            .add(c)
+            .map_err(|e| format!("{name}: unusable CA certificate: {e}"))?;
+    }
+    if store.is_empty() {
+        return Err(format!("{name}: no CERTIFICATE block found"));
+    }
+    Ok(store)
+}
+
+/// Handshake with the agent at `target` over `tcp`. The certificate must
+/// cover `name` if given, else the target's host (IP or DNS name).
+pub async fn handshake(
+    connector: &TlsConnector,
+    tcp: TcpStream,
+    target: &Target,
+    name: Option<&str>,
+    timeout: Duration,
+) -> Result<TlsStream<TcpStream>, TlsError> {
+    let agent = target.to_string();
+    let server_name = match (name, target) {
+        (Some(n), _) => ServerName::try_from(n.to_owned()).ok(),
+        (None, Target::Addr(a)) => Some(ServerName::IpAddress(a.ip().into())),
+        (None, Target::Host { name, .. }) => ServerName::try_from(name.clone()).ok(),
+        (None, Target::Pool(_)) => None,
+    }
+    .ok_or_else(|| TlsError::Name(agent.clone()))?;
+    match tokio::time::timeout(timeout, connector.connect(server_name, tcp)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(source)) => Err(TlsError::Handshake { agent, source }),
+        Err(_) => Err(TlsError::Timeout {
+            agent,
+            after: timeout,
+        }),
+    }
+}
+
+/// Accepts any agent certificate but still checks the handshake
+/// signatures, so the session is at least bound to the key the agent
+/// presented.
+#[derive(Debug)]
+struct NoVerify(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
