@@ -6,6 +6,7 @@
 #   bench/run.sh            # full run: 3 repeats
 #   bench/run.sh --quick    # under 2 minutes
 #   bench/run.sh --smoke    # tiny counts (CI)
+#   bench/run.sh terminate  # terminate mode against nginx https (same options)
 #
 # Extra arguments go to `splicegate-bench suite`. Results: bench/results/<timestamp>/.
 set -euo pipefail
@@ -30,4 +31,9 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 cargo build --release -p splicegate -p splicegate-bench
-exec target/release/splicegate-bench suite "$@"
+suite=suite
+if [ "${1:-}" = terminate ]; then
+  suite=terminate
+  shift
+fi
+exec target/release/splicegate-bench "$suite" "$@"

@@ -7,9 +7,10 @@ cd "$(dirname "$0")/.."
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # Real peers the tests drive: openssl (s_client / s_server), curl, HAProxy
-# (a real PROXY v2 sender), systemd-analyze (unit verification), iproute2.
+# (a real PROXY v2 sender), systemd-analyze (unit verification), iproute2
+# (network namespaces), Chromium (headless browser end to end).
 need=()
-for pkg_cmd in openssl:openssl curl:curl haproxy:haproxy systemd:systemd-analyze iproute2:ip; do
+for pkg_cmd in openssl:openssl curl:curl haproxy:haproxy systemd:systemd-analyze iproute2:ip chromium:chromium; do
   pkg=${pkg_cmd%%:*}; cmd=${pkg_cmd##*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done
@@ -34,3 +35,4 @@ cargo test --workspace --all-targets
 # The benchmark harness must keep working: a smoke run with tiny counts
 # against every target installable here (no speed is asserted).
 bench/run.sh --smoke --out target/bench-smoke
+bench/run.sh terminate --smoke --out target/bench-smoke-terminate

@@ -12,49 +12,12 @@ use std::sync::Arc;
 
 use common::http::{http_agent, HttpAgent};
 use common::tempfile_lite::TempFile;
-use common::{bin, Proxy};
+use common::{bin, curl_tls as curl, make_cert, Proxy, TempDir};
 use futures_util::{SinkExt, StreamExt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
-
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!(
-            "splicegate-term-{tag}-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// `splicegate cert --out dir --san ...`.
-fn make_cert(dir: &Path, sans: &[&str]) {
-    let mut cmd = Command::new(bin());
-    cmd.arg("cert").arg("--out").arg(dir);
-    for s in sans {
-        cmd.args(["--san", s]);
-    }
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 struct Fleet {
     proxy: Proxy,
@@ -149,37 +112,6 @@ impl Fleet {
     fn a_path(&self, rest: &str) -> String {
         format!("/127.0.0.2:{}{rest}", self.a.addr.port())
     }
-}
-
-/// curl verifying the proxy against `cacert`; returns (status, body) per
-/// URL, in order (curl reuses its connection between them when it can).
-fn curl(cacert: &Path, urls: &[String]) -> Vec<(u16, String)> {
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--max-time", "10", "--cacert"])
-        .arg(cacert);
-    for (i, u) in urls.iter().enumerate() {
-        if i > 0 {
-            cmd.arg("--next").args(["--cacert"]).arg(cacert);
-        }
-        cmd.args(["-w", "\n@@%{http_code}@@\n", u]);
-    }
-    let out = cmd.output().expect("curl (tests/run-all.sh installs it)");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mut res = Vec::new();
-    let mut rest = text.as_str();
-    while let Some(i) = rest.find("\n@@") {
-        let body = &rest[..i];
-        let code = &rest[i + 3..i + 6];
-        res.push((code.parse().unwrap_or(0), body.to_owned()));
-        rest = rest[i + 3..].split_once("@@\n").map_or("", |x| x.1);
-    }
-    assert_eq!(
-        res.len(),
-        urls.len(),
-        "curl output: {text}\nstderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    res
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

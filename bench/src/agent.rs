@@ -92,7 +92,8 @@ async fn read_hello<S: AsyncRead + Unpin>(s: &mut S) -> Option<Vec<u8>> {
     }
 }
 
-async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, name: &str, mut pending: Vec<u8>) {
+/// Serve the bench protocol on `s`, with `pending` already read.
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, name: &str, mut pending: Vec<u8>) {
     while pending.is_empty() {
         let mut b = [0u8; 64];
         match s.read(&mut b).await {

@@ -56,7 +56,8 @@ pub fn summary(h: &Histogram<u64>) -> Summary {
     }
 }
 
-fn ns(d: Duration) -> u64 {
+/// A duration in nanoseconds for the histograms (at least 1).
+pub fn ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1)
 }
 
@@ -173,9 +174,21 @@ pub async fn rtt_concurrent(
     c: u32,
     dur: Duration,
 ) -> io::Result<(Summary, f64)> {
-    let mut tasks = Vec::new();
+    let mut streams = Vec::new();
     for _ in 0..c {
-        let (mut s, _, _) = tls_open(addr, sni, cfg).await?;
+        streams.push(tls_open(addr, sni, cfg).await?.0);
+    }
+    rtt_parallel(streams, dur).await
+}
+
+/// Round trips on every stream in parallel for `dur`; percentiles and
+/// operations per second.
+pub async fn rtt_parallel<S>(streams: Vec<S>, dur: Duration) -> io::Result<(Summary, f64)>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut tasks = Vec::new();
+    for mut s in streams {
         tasks.push(tokio::spawn(async move {
             s.write_all(b"E").await?;
             let msg = [3u8; 64];

@@ -2,8 +2,9 @@
 //! nginx, measured side by side in one run on this machine.
 //!
 //! ```text
-//! bench/run.sh --quick            # installs HAProxy and nginx, builds, runs
-//! splicegate-bench suite --smoke  # tiny counts, for CI
+//! bench/run.sh --quick                # installs HAProxy and nginx, builds, runs
+//! splicegate-bench suite --smoke      # tiny counts, for CI
+//! splicegate-bench terminate --quick  # terminate mode against nginx https
 //! ```
 //!
 //! Targets are interleaved per repeat (A B C A B C ...). Results go to
@@ -13,6 +14,7 @@ mod agent;
 mod load;
 mod report;
 mod targets;
+mod terminate;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -34,6 +36,9 @@ struct Cli {
 enum Cmd {
     /// Run every test against every target, interleaved, and write a report.
     Suite(SuiteArgs),
+    /// Terminate mode: splicegate and nginx ending TLS, reading the HTTP
+    /// upgrade and re-encrypting to the agent, against a direct connection.
+    Terminate(SuiteArgs),
 }
 
 #[derive(clap::Args, Clone)]
@@ -47,13 +52,12 @@ struct SuiteArgs {
     /// Repeats (default 3, 1 with --quick or --smoke).
     #[arg(long)]
     repeats: Option<u32>,
-    /// Comma-separated targets: direct, splicegate-splice, splicegate-copy,
-    /// haproxy, haproxy-splice-auto, haproxy-splice, nginx.
-    #[arg(
-        long,
-        default_value = "direct,splicegate-splice,splicegate-copy,haproxy,haproxy-splice-auto,haproxy-splice,nginx"
-    )]
-    targets: String,
+    /// Comma-separated targets (default: all). `suite`: direct,
+    /// splicegate-splice, splicegate-copy, haproxy, haproxy-splice-auto,
+    /// haproxy-splice, nginx. `terminate`: direct, splicegate-terminate,
+    /// nginx-https.
+    #[arg(long)]
+    targets: Option<String>,
     /// The splicegate binary.
     #[arg(long, default_value = "target/release/splicegate")]
     splicegate: PathBuf,
@@ -65,6 +69,8 @@ struct SuiteArgs {
 /// Counts for one run.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Params {
+    /// `passthrough` (the main suite) or `terminate`.
+    mode: &'static str,
     setup_conns: u32,
     rtt_rounds: u32,
     concurrent_conns: u32,
@@ -76,9 +82,10 @@ pub struct Params {
 }
 
 impl Params {
-    fn from(a: &SuiteArgs) -> Params {
+    fn from(a: &SuiteArgs, mode: &'static str) -> Params {
         let mut p = if a.smoke {
             Params {
+                mode,
                 setup_conns: 3,
                 rtt_rounds: 100,
                 concurrent_conns: 2,
@@ -90,6 +97,7 @@ impl Params {
             }
         } else if a.quick {
             Params {
+                mode,
                 setup_conns: 100,
                 rtt_rounds: 10_000,
                 concurrent_conns: 4,
@@ -101,6 +109,7 @@ impl Params {
             }
         } else {
             Params {
+                mode,
                 setup_conns: 200,
                 rtt_rounds: 20_000,
                 concurrent_conns: 16,
@@ -113,6 +122,11 @@ impl Params {
         };
         if let Some(r) = a.repeats {
             p.repeats = r.max(1);
+        }
+        if mode == "terminate" {
+            // No raw transfers or idle test: bytes are decrypted anyway.
+            p.raw_bulk_bytes = 0;
+            p.idle_conns = 0;
         }
         p
     }
@@ -138,6 +152,30 @@ pub struct Run {
     idle_rss_kib_per_conn: Option<f64>,
     idle_fds_per_conn: Option<f64>,
     errors: Vec<String>,
+}
+
+impl Run {
+    /// Await one test, bounded to 300 s; a failure or timeout is recorded
+    /// in `errors` and gives None.
+    async fn step<T, E: std::fmt::Display>(
+        &mut self,
+        what: &str,
+        test: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Option<T> {
+        let limit = Duration::from_secs(300);
+        match tokio::time::timeout(limit, test).await {
+            Ok(Ok(v)) => Some(v),
+            Ok(Err(e)) => {
+                self.errors.push(format!("{what}: {e}"));
+                None
+            }
+            Err(_) => {
+                self.errors
+                    .push(format!("{what}: no result within {limit:?}"));
+                None
+            }
+        }
+    }
 }
 
 /// Everything about one target.
@@ -167,13 +205,16 @@ fn parse_targets(list: &str) -> Result<Vec<Kind>, String> {
 }
 
 fn main() -> std::process::ExitCode {
-    let Cmd::Suite(args) = Cli::parse().command;
+    let (args, mode) = match Cli::parse().command {
+        Cmd::Suite(a) => (a, "passthrough"),
+        Cmd::Terminate(a) => (a, "terminate"),
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
-    match rt.block_on(suite(args)) {
+    match rt.block_on(suite(args, mode)) {
         Ok(clean) if clean => std::process::ExitCode::SUCCESS,
         Ok(_) => {
             eprintln!("splicegate-bench: finished with errors (marked in the report)");
@@ -186,14 +227,103 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// The agents of one suite and how its targets are started, checked and
+/// measured.
+enum Bench {
+    Passthrough(agent::Agents, Vec<Kind>),
+    Terminate(terminate::Web, Vec<String>),
+}
+
+impl Bench {
+    async fn new(mode: &str, targets: Option<&str>) -> Result<Bench, String> {
+        if mode == "terminate" {
+            let list = targets.map_or_else(
+                || terminate::TARGETS.iter().map(|t| t.to_string()).collect(),
+                |l| {
+                    l.split(',')
+                        .map(|t| t.trim().to_owned())
+                        .collect::<Vec<_>>()
+                },
+            );
+            if let Some(bad) = list
+                .iter()
+                .find(|t| !terminate::TARGETS.contains(&t.as_str()))
+            {
+                return Err(format!("unknown terminate target {bad:?}"));
+            }
+            let web = terminate::start_agent()
+                .await
+                .map_err(|e| format!("cannot start the agent: {e}"))?;
+            Ok(Bench::Terminate(web, list))
+        } else {
+            let kinds = parse_targets(targets.unwrap_or(
+                "direct,splicegate-splice,splicegate-copy,haproxy,haproxy-splice-auto,haproxy-splice,nginx",
+            ))?;
+            let agents = agent::start()
+                .await
+                .map_err(|e| format!("cannot start agents: {e}"))?;
+            Ok(Bench::Passthrough(agents, kinds))
+        }
+    }
+
+    fn client(&self) -> std::sync::Arc<rustls::ClientConfig> {
+        match self {
+            Bench::Passthrough(a, _) => agent::client(a),
+            Bench::Terminate(w, _) => splicegate::testkit::client_config(&[&w.id], &["http/1.1"])
+                .expect("valid client config"),
+        }
+    }
+
+    fn names(&self) -> Vec<String> {
+        match self {
+            Bench::Passthrough(_, kinds) => kinds.iter().map(targets::name).collect(),
+            Bench::Terminate(_, list) => list.iter().map(|t| terminate::name(t)).collect(),
+        }
+    }
+
+    async fn start(
+        &self,
+        i: usize,
+        splicegate: &std::path::Path,
+        tls: &std::sync::Arc<rustls::ClientConfig>,
+    ) -> Result<targets::Running, String> {
+        match self {
+            Bench::Passthrough(agents, kinds) => {
+                let r = targets::start(&kinds[i], agents, splicegate)?;
+                routing_check(&r, agents, tls)
+                    .await
+                    .map_err(|e| format!("routing check failed: {e}"))?;
+                Ok(r)
+            }
+            Bench::Terminate(web, list) => {
+                let r = terminate::start(&list[i], web, splicegate)?;
+                terminate::check(r.listen.unwrap_or(web.addr), tls)
+                    .await
+                    .map_err(|e| format!("routing check failed: {e}"))?;
+                Ok(r)
+            }
+        }
+    }
+
+    async fn measure(
+        &self,
+        t: &targets::Running,
+        tls: &std::sync::Arc<rustls::ClientConfig>,
+        p: &Params,
+        repeat: u32,
+    ) -> Run {
+        match self {
+            Bench::Passthrough(agents, _) => measure(t, agents, tls, p, repeat).await,
+            Bench::Terminate(web, _) => terminate::measure(t, web, tls, p, repeat).await,
+        }
+    }
+}
+
 /// The whole run. Ok(true) when every target ran without errors.
-async fn suite(args: SuiteArgs) -> Result<bool, String> {
-    let params = Params::from(&args);
-    let kinds = parse_targets(&args.targets)?;
-    let agents = agent::start()
-        .await
-        .map_err(|e| format!("cannot start agents: {e}"))?;
-    let tls = agent::client(&agents);
+async fn suite(args: SuiteArgs, mode: &'static str) -> Result<bool, String> {
+    let params = Params::from(&args, mode);
+    let bench = Bench::new(mode, args.targets.as_deref()).await?;
+    let tls = bench.client();
     let started = Instant::now();
     // A hard bound on the whole run.
     let budget = Duration::from_secs(if args.smoke {
@@ -206,29 +336,17 @@ async fn suite(args: SuiteArgs) -> Result<bool, String> {
 
     let mut results: Vec<TargetResult> = Vec::new();
     let mut running = Vec::new();
-    for kind in &kinds {
-        let name = targets::name(kind);
+    for (i, name) in bench.names().into_iter().enumerate() {
         eprintln!("starting {name}");
-        match targets::start(kind, &agents, &args.splicegate) {
-            Ok(r) => match routing_check(&r, &agents, &tls).await {
-                Ok(()) => {
-                    results.push(TargetResult {
-                        name,
-                        status: "ok".into(),
-                        runs: Vec::new(),
-                    });
-                    running.push(Some(r));
-                }
-                Err(e) => {
-                    eprintln!("  skipped: routing check failed: {e}");
-                    results.push(TargetResult {
-                        name,
-                        status: format!("skipped: routing check failed: {e}"),
-                        runs: Vec::new(),
-                    });
-                    running.push(None);
-                }
-            },
+        match bench.start(i, &args.splicegate, &tls).await {
+            Ok(r) => {
+                results.push(TargetResult {
+                    name,
+                    status: "ok".into(),
+                    runs: Vec::new(),
+                });
+                running.push(Some(r));
+            }
             Err(e) => {
                 eprintln!("  skipped: {e}");
                 results.push(TargetResult {
@@ -257,7 +375,7 @@ async fn suite(args: SuiteArgs) -> Result<bool, String> {
                 continue;
             }
             eprintln!("repeat {repeat}: {}", results[i].name);
-            let run = measure(target, &agents, &tls, &params, repeat).await;
+            let run = bench.measure(target, &tls, &params, repeat).await;
             for e in &run.errors {
                 eprintln!("  error: {e}");
             }
@@ -339,64 +457,58 @@ async fn measure(
     let raw_addr = t.addr(agents, "raw-a");
     let (tls_sni, raw_sni) = (agent::sni("tls-a"), agent::sni("raw-a"));
     let pids = t.pids();
-    let limit = Duration::from_secs(300);
-    macro_rules! step {
-        ($what:expr, $fut:expr) => {
-            match tokio::time::timeout(limit, $fut).await {
-                Ok(Ok(v)) => Some(v),
-                Ok(Err(e)) => {
-                    run.errors.push(format!("{}: {e}", $what));
-                    None
-                }
-                Err(_) => {
-                    run.errors
-                        .push(format!("{}: no result within {limit:?}", $what));
-                    None
-                }
-            }
-        };
-    }
 
     let cpu0 = targets::cpu_seconds(&pids);
-    run.setup = step!("setup", load::setup(tls_addr, &tls_sni, tls, p.setup_conns));
+    run.setup = run
+        .step("setup", load::setup(tls_addr, &tls_sni, tls, p.setup_conns))
+        .await;
     if run.setup.is_some() && !pids.is_empty() {
         run.proxy_cpu_ms_per_conn =
             Some((targets::cpu_seconds(&pids) - cpu0) * 1e3 / f64::from(p.setup_conns));
     }
 
-    run.rtt = step!("rtt", async {
-        let (mut s, _, _) = load::tls_open(tls_addr, &tls_sni, tls).await?;
-        load::round_trips(&mut s, p.rtt_rounds)
-            .await
-            .map(|h| load::summary(&h))
-    });
-    if let Some((s, ops)) = step!(
-        "rtt-concurrent",
-        load::rtt_concurrent(
-            tls_addr,
-            &tls_sni,
-            tls,
-            p.concurrent_conns,
-            Duration::from_secs_f64(p.concurrent_secs)
+    run.rtt = run
+        .step("rtt", async {
+            let (mut s, _, _) = load::tls_open(tls_addr, &tls_sni, tls).await?;
+            load::round_trips(&mut s, p.rtt_rounds)
+                .await
+                .map(|h| load::summary(&h))
+        })
+        .await;
+    if let Some((s, ops)) = run
+        .step(
+            "rtt-concurrent",
+            load::rtt_concurrent(
+                tls_addr,
+                &tls_sni,
+                tls,
+                p.concurrent_conns,
+                Duration::from_secs_f64(p.concurrent_secs),
+            ),
         )
-    ) {
+        .await
+    {
         run.rtt_concurrent = Some(s);
         run.ops_per_sec = Some(ops);
     }
-    run.bulk_gbit = step!("bulk", async {
-        let (mut s, _, _) = load::tls_open(tls_addr, &tls_sni, tls).await?;
-        load::bulk(&mut s, p.bulk_bytes)
-            .await
-            .map(|secs| p.bulk_bytes as f64 * 8.0 / secs / 1e9)
-    });
+    run.bulk_gbit = run
+        .step("bulk", async {
+            let (mut s, _, _) = load::tls_open(tls_addr, &tls_sni, tls).await?;
+            load::bulk(&mut s, p.bulk_bytes)
+                .await
+                .map(|secs| p.bulk_bytes as f64 * 8.0 / secs / 1e9)
+        })
+        .await;
 
     let (cpu0, m0) = (targets::cpu_seconds(&pids), targets::machine_seconds());
-    run.raw_bulk_gbit = step!("raw-bulk", async {
-        let mut s = load::raw_open(raw_addr, &raw_sni).await?;
-        load::bulk(&mut s, p.raw_bulk_bytes)
-            .await
-            .map(|secs| p.raw_bulk_bytes as f64 * 8.0 / secs / 1e9)
-    });
+    run.raw_bulk_gbit = run
+        .step("raw-bulk", async {
+            let mut s = load::raw_open(raw_addr, &raw_sni).await?;
+            load::bulk(&mut s, p.raw_bulk_bytes)
+                .await
+                .map(|secs| p.raw_bulk_bytes as f64 * 8.0 / secs / 1e9)
+        })
+        .await;
     if run.raw_bulk_gbit.is_some() {
         let gib = p.raw_bulk_bytes as f64 / f64::from(1u32 << 30);
         run.machine_cpu_s_per_gib = Some((targets::machine_seconds() - m0) / gib);
@@ -404,17 +516,22 @@ async fn measure(
             run.proxy_cpu_s_per_gib = Some((targets::cpu_seconds(&pids) - cpu0) / gib);
         }
     }
-    run.raw_rtt = step!("raw-rtt", async {
-        let mut s = load::raw_open(raw_addr, &raw_sni).await?;
-        load::round_trips(&mut s, p.rtt_rounds)
-            .await
-            .map(|h| load::summary(&h))
-    });
+    run.raw_rtt = run
+        .step("raw-rtt", async {
+            let mut s = load::raw_open(raw_addr, &raw_sni).await?;
+            load::round_trips(&mut s, p.rtt_rounds)
+                .await
+                .map(|h| load::summary(&h))
+        })
+        .await;
 
     if !pids.is_empty() {
         let pids = t.pids();
         let (rss0, fds0) = (targets::rss_kib(&pids), targets::fds(&pids));
-        if let Some(held) = step!("idle", load::idle(raw_addr, &raw_sni, p.idle_conns)) {
+        if let Some(held) = run
+            .step("idle", load::idle(raw_addr, &raw_sni, p.idle_conns))
+            .await
+        {
             let pids = t.pids();
             let k = f64::from(p.idle_conns);
             run.idle_rss_kib_per_conn = Some((targets::rss_kib(&pids) as f64 - rss0 as f64) / k);

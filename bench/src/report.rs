@@ -80,6 +80,12 @@ pub fn markdown(results: &[TargetResult], p: &Params, command: &str, clean: bool
         );
     }
     let _ = writeln!(o, "Command: `{command}`\n");
+    if p.mode == "terminate" {
+        let _ = writeln!(
+            o,
+            "Terminate mode: TLS ends at the proxy, which reads the HTTP request and opens TLS to the agent (not verified, for both proxies); every connection is a WebSocket upgrade and the tests run over the upgraded stream. Setup includes the upgrade exchange; CPU per GiB is measured on the TLS bulk transfer.\n"
+        );
+    }
     let _ = writeln!(
         o,
         "{} repeat(s), targets interleaved; setup {} conns, rtt {} round trips of 64 B, {} concurrent conns for {} s, TLS bulk {} MiB, raw bulk {} MiB, {} idle conns. Cells: median (min–max).\n",

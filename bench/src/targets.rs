@@ -45,6 +45,25 @@ pub struct Running {
 }
 
 impl Running {
+    /// A target process started elsewhere, listening on `listen`, with its
+    /// scratch directory `dir` (removed on stop).
+    pub fn spawned(listen: SocketAddr, child: Child, dir: PathBuf) -> Running {
+        Running {
+            listen: Some(listen),
+            child: Some(child),
+            dir,
+        }
+    }
+
+    /// No process: the client connects to the agent itself.
+    pub fn none(dir: PathBuf) -> Running {
+        Running {
+            listen: None,
+            child: None,
+            dir,
+        }
+    }
+
     /// Address that reaches agent `agent` through this target.
     pub fn addr(&self, agents: &Agents, agent: &str) -> SocketAddr {
         self.listen.unwrap_or_else(|| agents.addr(agent))
@@ -92,14 +111,15 @@ impl Drop for Running {
     }
 }
 
-fn free_port() -> std::io::Result<u16> {
+/// A port free on 127.0.0.1 right now.
+pub fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
 }
 
 /// Wait until `addr` accepts connections (bounded).
-fn wait_port(addr: SocketAddr, child: &mut Child) -> Result<(), String> {
+pub fn wait_port(addr: SocketAddr, child: &mut Child) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if std::net::TcpStream::connect(addr).is_ok() {
@@ -139,34 +159,7 @@ pub fn start(kind: &Kind, agents: &Agents, splicegate: &Path) -> Result<Running,
             }
             let file = dir.join("splicegate.toml");
             std::fs::write(&file, cfg).map_err(|e| e.to_string())?;
-            let mut child = Command::new(splicegate)
-                .args(["--log-format", "json", "run", "--config"])
-                .arg(&file)
-                .env("SPLICEGATE_LOG", "warn,splicegate::server=info")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .map_err(|e| {
-                    format!(
-                        "cannot start {}: {e} (build it with cargo build --release)",
-                        splicegate.display()
-                    )
-                })?;
-            let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
-            let addr = loop {
-                let Some(Ok(line)) = lines.next() else {
-                    return Err("splicegate exited before listening".into());
-                };
-                if let Some(i) = line.find("\"addr\":\"") {
-                    let rest = &line[i + 8..];
-                    break rest[..rest.find('"').unwrap_or(0)]
-                        .parse::<SocketAddr>()
-                        .map_err(|e| e.to_string())?;
-                }
-            };
-            // Keep draining its log so it never blocks on a full pipe.
-            std::thread::spawn(move || lines.for_each(drop));
+            let (child, addr) = spawn_splicegate(splicegate, &file)?;
             running.listen = Some(addr);
             running.child = Some(child);
         }
@@ -218,22 +211,7 @@ pub fn start(kind: &Kind, agents: &Agents, splicegate: &Path) -> Result<Running,
             cfg.push_str(&format!(
                 "    default 127.0.0.1:1;\n  }}\n  server {{\n    listen {addr};\n    ssl_preread on;\n    proxy_pass $agent;\n    proxy_timeout 1h;\n  }}\n}}\n"
             ));
-            let file = dir.join("nginx.conf");
-            std::fs::write(&file, cfg).map_err(|e| e.to_string())?;
-            let mut child = Command::new("nginx")
-                .arg("-c")
-                .arg(&file)
-                .arg("-p")
-                .arg(&dir)
-                .arg("-e")
-                .arg(dir.join("error.log"))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .map_err(|e| format!("cannot start nginx: {e} (bench/run.sh installs it)"))?;
-            wait_port(addr, &mut child)
-                .map_err(|e| format!("{e}: {}", last_alert(&dir.join("error.log"))))?;
+            let child = spawn_nginx(&dir, &cfg, addr)?;
             running.listen = Some(addr);
             running.child = Some(child);
         }
@@ -241,8 +219,64 @@ pub fn start(kind: &Kind, agents: &Agents, splicegate: &Path) -> Result<Running,
     Ok(running)
 }
 
+/// Start `splicegate run --config file` with JSON logs; returns the child
+/// and the address of its first listener (from its `listening` event).
+pub fn spawn_splicegate(splicegate: &Path, file: &Path) -> Result<(Child, SocketAddr), String> {
+    let mut child = Command::new(splicegate)
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(file)
+        .env("SPLICEGATE_LOG", "warn,splicegate::server=info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            format!(
+                "cannot start {}: {e} (build it with cargo build --release)",
+                splicegate.display()
+            )
+        })?;
+    let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
+    let addr = loop {
+        let Some(Ok(line)) = lines.next() else {
+            return Err("splicegate exited before listening".into());
+        };
+        if let Some(i) = line.find("\"addr\":\"") {
+            let rest = &line[i + 8..];
+            break rest[..rest.find('"').unwrap_or(0)]
+                .parse::<SocketAddr>()
+                .map_err(|e| e.to_string())?;
+        }
+    };
+    // Keep draining its log so it never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok((child, addr))
+}
+
+/// Write `cfg` as `dir/nginx.conf`, start nginx on it in the foreground
+/// and wait until it listens on `addr`.
+pub fn spawn_nginx(dir: &Path, cfg: &str, addr: SocketAddr) -> Result<Child, String> {
+    let file = dir.join("nginx.conf");
+    std::fs::write(&file, cfg).map_err(|e| e.to_string())?;
+    let mut child = Command::new("nginx")
+        .arg("-c")
+        .arg(&file)
+        .arg("-p")
+        .arg(dir)
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start nginx: {e} (bench/run.sh installs it)"))?;
+    wait_port(addr, &mut child)
+        .map_err(|e| format!("{e}: {}", last_alert(&dir.join("error.log"))))?;
+    Ok(child)
+}
+
 /// The last ALERT line of a log, for error messages.
-fn last_alert(log: &Path) -> String {
+pub fn last_alert(log: &Path) -> String {
     std::fs::read_to_string(log)
         .unwrap_or_default()
         .lines()

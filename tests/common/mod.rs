@@ -7,6 +7,7 @@ pub mod http;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -262,4 +263,84 @@ pub fn curl(url: &str) -> (u16, String) {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
     (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "splicegate-term-{tag}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `splicegate cert --out dir --san ...`.
+pub fn make_cert(dir: &Path, sans: &[&str]) {
+    let mut cmd = Command::new(bin());
+    cmd.arg("cert").arg("--out").arg(dir);
+    for s in sans {
+        cmd.args(["--san", s]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// curl verifying the proxy against `cacert`; returns (status, body) per
+/// URL, in order (curl reuses its connection between them when it can).
+pub fn curl_tls(cacert: &Path, urls: &[String]) -> Vec<(u16, String)> {
+    curl_tls_in(&[], cacert, urls)
+}
+
+/// [`curl_tls`] run under a prefix command (`ip netns exec NS`).
+pub fn curl_tls_in(prefix: &[&str], cacert: &Path, urls: &[String]) -> Vec<(u16, String)> {
+    let mut cmd = match prefix.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg("curl");
+            c
+        }
+        None => Command::new("curl"),
+    };
+    cmd.args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(cacert);
+    for (i, u) in urls.iter().enumerate() {
+        if i > 0 {
+            cmd.arg("--next").args(["--cacert"]).arg(cacert);
+        }
+        cmd.args(["-w", "\n@@%{http_code}@@\n", u]);
+    }
+    let out = cmd.output().expect("curl (tests/run-all.sh installs it)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut res = Vec::new();
+    let mut rest = text.as_str();
+    while let Some(i) = rest.find("\n@@") {
+        let body = &rest[..i];
+        let code = &rest[i + 3..i + 6];
+        res.push((code.parse().unwrap_or(0), body.to_owned()));
+        rest = rest[i + 3..].split_once("@@\n").map_or("", |x| x.1);
+    }
+    assert_eq!(
+        res.len(),
+        urls.len(),
+        "curl output: {text}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    res
 }
