@@ -80,6 +80,18 @@ agent = "127.0.0.1:{rogue_port}"
 [[path_route]]
 prefix = "/dead/"
 agent = "127.0.0.1:1"
+
+[[pool]]                        # the first agent refuses: retried on c
+name = "flaky"
+policy = "first"
+[[pool.agents]]
+addr = "127.0.0.1:1"
+[[pool.agents]]
+addr = "127.0.0.1:{c_port}"
+
+[[path_route]]
+prefix = "/pool/"
+pool = "flaky"
 "#,
         ca = ca.0.display(),
         dir = dir.0.display(),
@@ -256,6 +268,16 @@ async fn tls_client(
     cacert: &Path,
     sni: Option<&str>,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    tls_client_after(proxy, &[], cacert, sni).await
+}
+
+/// [`tls_client`] after writing `preamble` (a PROXY header) on the socket.
+async fn tls_client_after(
+    proxy: SocketAddr,
+    preamble: &[u8],
+    cacert: &Path,
+    sni: Option<&str>,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(cacert).unwrap() {
         roots.add(c.unwrap()).unwrap();
@@ -272,7 +294,8 @@ async fn tls_client(
         Some(n) => ServerName::try_from(n.to_owned()).unwrap(),
         None => ServerName::IpAddress(proxy.ip().into()),
     };
-    let tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    tcp.write_all(preamble).await.unwrap();
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(name, tcp)
         .await
@@ -635,4 +658,31 @@ fn cert_command_writes_a_private_key_and_refuses_bad_sans() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not an IP address"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_v2_client_reaches_the_agent_headers_and_a_pool_retries() {
+    let mut f = fleet("proxy_protocol = \"v2\"\nproxy_trusted = [\"127.0.0.0/8\"]").await;
+    let header = splicegate::proxy_protocol::encode_v2(
+        "192.0.2.44:50000".parse().unwrap(),
+        "10.0.0.5:8443".parse().unwrap(),
+        &[(0xEA, b"\x01vpce-0abc".to_vec())],
+        false,
+    );
+    let mut c = tls_client_after(f.proxy.addr, &header, &f.cacert(), None).await;
+    c.write_all(b"GET /pool/x HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 198.51.100.1\r\n\r\n")
+        .await
+        .unwrap();
+    let text = read_to_end_lossy(&mut c).await;
+    assert!(text.contains("agent c\nGET /x HTTP/1.1\r\n"), "{text}");
+    assert!(text.contains("X-Real-IP: 192.0.2.44\r\n"), "{text}");
+    assert!(
+        text.contains("X-Forwarded-For: 198.51.100.1, 192.0.2.44\r\n"),
+        "{text}"
+    );
+    let ev = f.proxy.event("routed", |v| v["path"] == "/pool/x");
+    assert_eq!(ev["attempt"], 2, "{ev}");
+    assert_eq!(ev["agent"], format!("127.0.0.1:{}", f.c.addr.port()));
+    assert_eq!(ev["span"]["client"], "192.0.2.44:50000");
+    assert_eq!(ev["span"]["vpce"], "vpce-0abc");
 }
