@@ -322,8 +322,8 @@ async fn a_reused_connection_gets_one_response_then_close_and_curl_reconnects() 
     assert!(res[1].1.starts_with("agent a\nGET /two "), "{}", res[1].1);
 
     // Two pipelined requests on one connection: the first is answered, the
-    // connection then ends; the second never reaches an agent on the
-    // first's route.
+    // connection then ends; the second reaches no agent at all — not even
+    // the first's (counted in bytes: the rewritten first head only).
     let mut c = tls_client(f.proxy.addr, &f.cacert(), None).await;
     let two = format!(
         "GET /desk1/first HTTP/1.1\r\nHost: x\r\n\r\nGET {} HTTP/1.1\r\nHost: x\r\n\r\n",
@@ -334,10 +334,24 @@ async fn a_reused_connection_gets_one_response_then_close_and_curl_reconnects() 
     assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
     assert_eq!(text.matches("HTTP/1.1 200").count(), 1, "{text}");
     assert!(text.contains("agent c\nGET /first "), "{text}");
-    f.proxy.event("closed", |v| v["path"] == "/desk1/first");
+    let ev = f.proxy.event("closed", |v| v["path"] == "/desk1/first");
+    let head = "GET /first HTTP/1.1\r\nHost: x\r\nX-Real-IP: 127.0.0.1\r\nX-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: https\r\nConnection: close\r\n\r\n";
+    assert!(text.contains(head), "{text}");
+    assert_eq!(ev["bytes_to_agent"], head.len(), "{ev}");
     while let Ok(h) = f.a.heads.try_recv() {
         assert!(!h.contains("/second"), "second request was forwarded: {h}");
     }
+
+    // A body is forwarded to its Content-Length and no further.
+    let mut c = tls_client(f.proxy.addr, &f.cacert(), None).await;
+    c.write_all(b"POST /desk1/post HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhelloGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let text = read_to_end_lossy(&mut c).await;
+    assert!(text.contains("agent c\nPOST /post "), "{text}");
+    let ev = f.proxy.event("closed", |v| v["path"] == "/desk1/post");
+    let head_len = text.split("agent c\n").nth(1).unwrap().len();
+    assert_eq!(ev["bytes_to_agent"], head_len + 5, "{ev}\n{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

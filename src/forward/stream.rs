@@ -35,6 +35,10 @@ pub struct StreamOptions {
     /// End when the agent → client direction ends, without waiting for the
     /// client to close its side.
     pub end_with_agent: bool,
+    /// Forward at most this many more bytes from the client (the rest of a
+    /// request body); later bytes are read and discarded, so nothing the
+    /// client sends after its request reaches the agent. None: no limit.
+    pub client_limit: Option<u64>,
 }
 
 /// What the agent answered, seen in its first bytes.
@@ -60,6 +64,7 @@ where
     let (up_count, down_count) = (&counters.to_agent, &counters.to_client);
     let pumps = async {
         let mut up = Dir::new((Side::Client, Side::Agent));
+        up.remaining = opts.client_limit;
         let mut down = Dir::new((Side::Agent, Side::Client));
         down.probe_status = true;
         let (mut up_done, mut down_done) = (false, false);
@@ -106,6 +111,8 @@ struct Dir {
     sides: (Side, Side),
     probe_status: bool,
     status: Option<u16>,
+    /// Bytes still to forward; past it, reads are discarded.
+    remaining: Option<u64>,
 }
 
 impl Dir {
@@ -119,6 +126,7 @@ impl Dir {
             sides,
             probe_status: false,
             status: None,
+            remaining: None,
         }
     }
 
@@ -158,6 +166,12 @@ impl Dir {
                         let n = rb.filled().len();
                         if n == 0 {
                             self.eof = true;
+                        } else if let Some(left) = self.remaining {
+                            // Forward up to the limit; drop the rest.
+                            let keep = left.min(n as u64);
+                            self.remaining = Some(left - keep);
+                            self.pos = 0;
+                            self.cap = keep as usize;
                         } else {
                             if self.probe_status {
                                 self.probe_status = false;
@@ -181,6 +195,12 @@ impl Dir {
                 count.fetch_add(n as u64, Ordering::Relaxed);
             }
             if self.eof {
+                if self.remaining == Some(0) {
+                    // The request was complete; the agent's side of the
+                    // connection is left as it is.
+                    ready!(Pin::new(&mut *dst).poll_flush(cx)).map_err(werr)?;
+                    return Poll::Ready(Ok(()));
+                }
                 ready!(Pin::new(&mut *dst).poll_flush(cx)).map_err(werr)?;
                 // The peer may already be gone (ENOTCONN); the direction
                 // is finished either way.

@@ -35,6 +35,20 @@ pub enum HeadError {
     /// Bytes that are not text.
     #[error("request head is not valid text")]
     Encoding,
+    /// A Content-Length that is not one decimal number.
+    #[error("invalid or conflicting Content-Length {0:?}")]
+    Length(String),
+}
+
+/// How long the request body is, from its headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Body {
+    /// No body: neither Content-Length nor Transfer-Encoding.
+    None,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// `Transfer-Encoding` (chunked): until the client stops sending.
+    Chunked,
 }
 
 /// A parsed request head, borrowing from the buffer it was read into.
@@ -51,6 +65,8 @@ pub struct RequestHead<'a> {
     pub headers: Vec<(&'a str, &'a str)>,
     /// `Upgrade: websocket` with `Connection: upgrade`.
     pub websocket: bool,
+    /// The body's framing.
+    pub body: Body,
     /// Length of the head including the blank line; body bytes follow.
     pub len: usize,
 }
@@ -92,10 +108,13 @@ pub fn parse(buf: &[u8]) -> Result<RequestHead<'_>, HeadError> {
     let target = origin_form(target).ok_or_else(|| HeadError::Target(clip(target)))?;
 
     let mut headers = Vec::new();
-    let (mut hosts, mut length, mut chunked) = (0, false, false);
+    let (mut hosts, mut length, mut chunked) = (0, None::<u64>, false);
     let (mut upgrade_ws, mut conn_upgrade) = (false, false);
     for l in lines {
-        if l.starts_with([' ', '\t']) {
+        // Bare CR, LF or NUL inside a line would let a client smuggle a
+        // header (or a request) past the rewrite to agents that split on
+        // them; folded lines are obsolete (RFC 9112 §5.2).
+        if l.starts_with([' ', '\t']) || l.contains(['\r', '\n', '\0']) {
             return Err(HeadError::Header(clip(l)));
         }
         let (name, value) = l
@@ -108,7 +127,14 @@ pub fn parse(buf: &[u8]) -> Result<RequestHead<'_>, HeadError> {
         if name.eq_ignore_ascii_case("host") {
             hosts += 1;
         } else if name.eq_ignore_ascii_case("content-length") {
-            length = true;
+            let n: u64 = (!value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| value.parse().ok())
+                .flatten()
+                .ok_or_else(|| HeadError::Length(clip(value)))?;
+            if length.is_some_and(|m| m != n) {
+                return Err(HeadError::Length(clip(value)));
+            }
+            length = Some(n);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             chunked = true;
         } else if name.eq_ignore_ascii_case("upgrade") {
@@ -123,15 +149,21 @@ pub fn parse(buf: &[u8]) -> Result<RequestHead<'_>, HeadError> {
     if minor == 1 && hosts != 1 {
         return Err(HeadError::Host(hosts));
     }
-    if length && chunked {
+    if length.is_some() && chunked {
         return Err(HeadError::Framing);
     }
+    let body = match (length, chunked) {
+        (Some(n), _) => Body::Length(n),
+        (None, true) => Body::Chunked,
+        (None, false) => Body::None,
+    };
     Ok(RequestHead {
         method,
         target,
         minor,
         headers,
         websocket: upgrade_ws && conn_upgrade && minor == 1 && method == "GET",
+        body,
         len,
     })
 }
@@ -361,6 +393,20 @@ mod tests {
     }
 
     #[test]
+    fn body_framing() {
+        let h =
+            parse(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n")
+                .unwrap();
+        assert_eq!(h.body, Body::Length(5));
+        let h = parse(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
+        assert_eq!(h.body, Body::Chunked);
+        assert_eq!(
+            parse(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").unwrap().body,
+            Body::None
+        );
+    }
+
+    #[test]
     fn absolute_form_and_http10() {
         let h = parse(b"GET https://proxy:8443/desk1/x?y HTTP/1.1\r\nHost: proxy\r\n\r\n").unwrap();
         assert_eq!(h.target, "/desk1/x?y");
@@ -385,6 +431,10 @@ mod tests {
             (b"GET / HTTP/1.1\r\nHost a\r\n\r\n", "header line"),
             (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", "both"),
             (b"GET /\xff HTTP/1.1\r\nHost: a\r\n\r\n", "text"),
+            (b"GET / HTTP/1.1\r\nHost: a\nX-Real-IP: 1.2.3.4\r\n\r\n", "header line"),
+            (b"GET / HTTP/1.1\r\nHost: a\rb\r\n\r\n", "header line"),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1x\r\n\r\n", "Content-Length"),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", "Content-Length"),
         ] {
             let e = parse(raw).unwrap_err().to_string();
             assert!(e.contains(want), "{:?}: {e}", String::from_utf8_lossy(raw));

@@ -267,8 +267,28 @@ pub(crate) async fn serve(
     let fwd = set.forwarded_headers.then_some(http::Forwarded {
         client: real_client.ip(),
     });
+    // Only the request's own body goes to the agent: bytes after it (a
+    // pipelined or smuggled second request) are dropped. A WebSocket is a
+    // stream after the 101; a chunked body is forwarded until the client
+    // stops, since finding its end would mean parsing the chunks.
+    let mut client_limit = match (head.websocket, head.body) {
+        (true, _) | (_, http::Body::Chunked) => None,
+        (false, http::Body::None) => Some(0),
+        (false, http::Body::Length(n)) => Some(n),
+    };
     let mut first = http::rewrite(&head, &path, fwd);
-    first.extend_from_slice(&buf[head_len..]);
+    let early = &buf[head_len..];
+    let early = match client_limit.as_mut() {
+        Some(left) => {
+            let keep = early
+                .len()
+                .min(usize::try_from(*left).unwrap_or(usize::MAX));
+            *left -= keep as u64;
+            &early[..keep]
+        }
+        None => early,
+    };
+    first.extend_from_slice(early);
     let websocket = head.websocket;
     let method = head.method.to_owned();
     drop(buf);
@@ -280,6 +300,7 @@ pub(crate) async fn serve(
             set.request_idle_timeout
         },
         end_with_agent: !websocket,
+        client_limit,
     };
     let mut agent = match &tls.upstream {
         None => Agent::Plain(tcp),
