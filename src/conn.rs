@@ -79,6 +79,9 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<ListenerCtx>, 
         let route = rec.route.as_deref().unwrap_or("-");
         let agent = rec.agent.as_deref().unwrap_or("-");
         ctx.metrics.closed(id, name, route, agent, outcome);
+        if let Some(code) = rec.status {
+            ctx.metrics.http_status(name, code);
+        }
         let sni = rec
             .hello
             .as_ref()

@@ -56,6 +56,7 @@ struct Inner {
     bytes: BTreeMap<RouteKey, [u64; 2]>,
     hello: BTreeMap<(String, &'static str), u64>,
     proxy: BTreeMap<(String, &'static str), u64>,
+    http: BTreeMap<(String, u16), u64>,
     connect: Option<Hist>,
     hello_wait: Option<Hist>,
     live: HashMap<u64, (RouteKey, Arc<Counters>)>,
@@ -117,6 +118,16 @@ impl Metrics {
         let mut g = self.lock();
         g.connect.get_or_insert_with(Hist::new).record(took);
         g.live.insert(id, (key, counters));
+    }
+
+    /// Terminate listeners: the status of the response a connection carried
+    /// (the agent's, or splicegate's own).
+    pub fn http_status(&self, listener: &str, status: u16) {
+        *self
+            .lock()
+            .http
+            .entry((listener.to_owned(), status))
+            .or_default() += 1;
     }
 
     /// A connection ended.
@@ -228,6 +239,21 @@ impl Metrics {
                     esc(r),
                     esc(a),
                     b[i]
+                );
+            }
+        }
+        if !g.http.is_empty() {
+            header(
+                o,
+                "splicegate_http_responses_total",
+                "counter",
+                "Terminate listeners: responses by status code (the agent's, or splicegate's own).",
+            );
+            for ((l, code), v) in &g.http {
+                let _ = writeln!(
+                    o,
+                    "splicegate_http_responses_total{{listener=\"{}\",code=\"{code}\"}} {v}",
+                    esc(l)
                 );
             }
         }

@@ -247,7 +247,7 @@ async fn no_default_route_means_404() {
     let dir = TempDir::new("404");
     make_cert(&dir.0, &["IP:127.0.0.1"]);
     let config = format!(
-        "[[listener]]\nbind = \"127.0.0.1:0\"\nmode = \"terminate\"\nupstream_tls = \"off\"\n[[listener.cert]]\ncert = \"{d}/cert.pem\"\nkey = \"{d}/key.pem\"\n[[path_route]]\nprefix = \"/desk1/\"\nagent = \"127.0.0.1:1\"\n",
+        "[[listener]]\nbind = \"127.0.0.1:0\"\nmode = \"terminate\"\nupstream_tls = \"off\"\n[[listener.cert]]\ncert = \"{d}/cert.pem\"\nkey = \"{d}/key.pem\"\n[[path_route]]\nprefix = \"/desk1/\"\nagent = \"127.0.0.1:1\"\n[admin]\nbind = \"127.0.0.1:0\"\n",
         d = dir.0.display()
     );
     let mut proxy = Proxy::start(Some(&config), &[]);
@@ -260,6 +260,13 @@ async fn no_default_route_means_404() {
         res[0].1
     );
     proxy.closed("no_route");
+    let (code, metrics) = common::curl(&format!("http://{}/metrics", proxy.admin.unwrap()));
+    assert_eq!(code, 200);
+    assert!(
+        metrics
+            .contains("splicegate_http_responses_total{listener=\"listener1\",code=\"404\"} 1\n"),
+        "{metrics}"
+    );
 }
 
 /// A rustls client to the proxy. `sni` None connects by IP (no SNI).
