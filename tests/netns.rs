@@ -1,4 +1,4 @@
-//! The seed's URLs, literally: agents at 10.150.248.180 and .181 live in a
+//! The URLs DCV users' nginx served, literally: agents at 10.150.248.180 and .181 live in a
 //! network namespace this test creates; splicegate (terminate mode) and
 //! curl live in a second one, joined by a veth pair. Agents are
 //! `openssl s_server -WWW` with a certificate for their IP addresses,
@@ -100,7 +100,7 @@ fn s_server(
 }
 
 #[test]
-fn seed_urls_reach_agents_at_10_150_248_x_and_nothing_else() {
+fn nginx_style_urls_reach_agents_at_10_150_248_x_and_nothing_else() {
     if let Some(why) = skip_reason() {
         eprintln!("SKIP: {why}");
         return;
