@@ -64,17 +64,13 @@ async fn answer(mut s: TcpStream, metrics: &Metrics, routes: &SharedRoutes) -> s
         .await;
     }
     match path.split('?').next().unwrap_or("") {
-        "/health" if metrics.draining() => {
-            respond(
-                &mut s,
-                head,
-                "503 Service Unavailable",
-                "text/plain",
-                "draining\n",
-            )
-            .await
-        }
-        "/health" => respond(&mut s, head, "200 OK", "text/plain", "ok\n").await,
+        "/health" => match routes.current().unhealthy(metrics.draining()) {
+            Some(why) => {
+                let body = format!("{why}\n");
+                respond(&mut s, head, "503 Service Unavailable", "text/plain", &body).await
+            }
+            None => respond(&mut s, head, "200 OK", "text/plain", "ok\n").await,
+        },
         "/metrics" => {
             let mut text = metrics.render();
             crate::upstream::pool::render_metrics(&routes.current().pools, &mut text);

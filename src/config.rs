@@ -215,6 +215,8 @@ pub struct Config {
     pub limits: Limits,
     /// Path routes for terminate listeners.
     pub paths: PathTable,
+    /// Pools that must have a healthy agent for `/health` to answer 200.
+    pub required_pools: Vec<String>,
 }
 
 /// Connection limits.
@@ -242,6 +244,7 @@ impl Default for Config {
             pools: Vec::new(),
             limits: Limits::default(),
             paths: PathTable::new(),
+            required_pools: Vec::new(),
         }
     }
 }
@@ -340,9 +343,11 @@ impl Config {
         };
 
         let mut config = Config::default();
+        let mut required: Vec<Spanned<String>> = Vec::new();
         if let Some(a) = file.admin {
             config.admin = Some(AdminConfig { bind: a.bind.0 });
             config.drain_grace = DEFAULT_DRAIN_GRACE;
+            required = a.require_pools;
         }
         if let Some(s) = file.shutdown {
             set(&mut config.drain_timeout, s.drain_timeout.map(|d| d.0));
@@ -621,6 +626,15 @@ impl Config {
                 attempts: p.attempts.unwrap_or(n.min(3)).clamp(1, n),
                 agents,
             });
+        }
+        for r in required {
+            if !config.pools.iter().any(|p| &p.name == r.get_ref()) {
+                return Err(at(
+                    r.span(),
+                    format!("key `require_pools`: no pool is named {:?}", r.get_ref()),
+                ));
+            }
+            config.required_pools.push(r.into_inner());
         }
         let pool_target =
             |name: &Spanned<String>, config: &Config| -> Result<Target, ConfigError> {
@@ -924,6 +938,13 @@ impl Config {
         if let Some(a) = &self.admin {
             let _ = writeln!(s, "admin: http://{}/health and /metrics", a.bind);
         }
+        if !self.required_pools.is_empty() {
+            let _ = writeln!(
+                s,
+                "health: 503 unless each of [{}] has a healthy agent",
+                self.required_pools.join(", ")
+            );
+        }
         let _ = writeln!(
             s,
             "drain: grace {:?}, timeout {:?}",
@@ -1048,6 +1069,8 @@ struct HealthSection {
 #[serde(deny_unknown_fields)]
 struct AdminSection {
     bind: OneAddr,
+    #[serde(default)]
+    require_pools: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

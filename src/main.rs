@@ -232,7 +232,7 @@ fn reload(args: &RunArgs, server: &Server) {
     match load(args) {
         Ok(config) => {
             let rules = config.routes.describe().len();
-            server.reload_routes(config.routes, config.paths, &config.pools);
+            server.reload_routes(&config);
             tracing::info!(
                 event = "reloaded",
                 rules,

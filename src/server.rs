@@ -19,7 +19,7 @@ use crate::route::path::PathTable;
 use crate::route::RouteTable;
 use crate::terminate::certs::CertStore;
 use crate::upstream::health;
-use crate::upstream::pool::{Pool, PoolConfig};
+use crate::upstream::pool::Pool;
 use std::collections::HashMap;
 
 /// The proxy could not start.
@@ -57,23 +57,42 @@ pub struct Routing {
     pub paths: PathTable,
     /// Pools by name.
     pub pools: HashMap<String, Arc<Pool>>,
+    /// Pools that must have a healthy agent for health to answer 200.
+    pub required: Vec<String>,
     checks: Vec<JoinHandle<()>>,
 }
 
 impl Routing {
-    /// Build the pools and start their health checks (inside a runtime).
-    pub fn start(table: RouteTable, paths: PathTable, pools: &[PoolConfig]) -> Routing {
-        let pools: HashMap<String, Arc<Pool>> = pools
+    /// Build the pools of `config` and start their health checks (inside
+    /// a runtime).
+    pub fn start(config: &Config) -> Routing {
+        let pools: HashMap<String, Arc<Pool>> = config
+            .pools
             .iter()
             .map(|p| (p.name.clone(), Arc::new(Pool::new(p.clone()))))
             .collect();
         let checks = pools.values().flat_map(health::spawn).collect();
         Routing {
-            table,
-            paths,
+            table: config.routes.clone(),
+            paths: config.paths.clone(),
             pools,
+            required: config.required_pools.clone(),
             checks,
         }
+    }
+
+    /// Why the proxy should be reported unhealthy, if it should: draining,
+    /// or a required pool with no agent up (active and passive health).
+    pub fn unhealthy(&self, draining: bool) -> Option<String> {
+        if draining {
+            return Some("draining".to_owned());
+        }
+        let now = tokio::time::Instant::now();
+        self.required.iter().find_map(|name| {
+            let pool = self.pools.get(name)?;
+            (!pool.agents().iter().any(|a| a.is_up(now)))
+                .then(|| format!("pool {name}: no healthy agent"))
+        })
     }
 }
 
@@ -210,11 +229,7 @@ impl Server {
             .iter()
             .map(|(name, t)| (name.clone(), Arc::clone(&t.store)))
             .collect();
-        let routes = Arc::new(SharedRoutes::new(Routing::start(
-            config.routes,
-            config.paths,
-            &config.pools,
-        )));
+        let routes = Arc::new(SharedRoutes::new(Routing::start(&config)));
         let limits = Arc::new(crate::limits::Limits::new(config.limits));
         let (stop, stop_rx) = watch::channel(false);
         let (drain, drain_rx) = watch::channel(false);
@@ -292,8 +307,8 @@ impl Server {
 
     /// Replace the routing table and pools for new connections (SIGHUP
     /// reload). Pools start with fresh health state.
-    pub fn reload_routes(&self, table: RouteTable, paths: PathTable, pools: &[PoolConfig]) {
-        self.routes.replace(Routing::start(table, paths, pools));
+    pub fn reload_routes(&self, config: &Config) {
+        self.routes.replace(Routing::start(config));
     }
 
     /// Re-read every terminate listener's certificate files (SIGHUP). A

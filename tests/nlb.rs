@@ -381,3 +381,31 @@ async fn haproxy_send_proxy_v2_in_front() {
     let _ = haproxy.kill();
     let _ = haproxy.wait();
 }
+
+#[test]
+fn health_turns_503_when_a_required_pool_has_no_healthy_agent() {
+    // One agent that refuses: the first failed connection marks it down
+    // (max_fails = 1) and health follows, on the admin listener and on a
+    // client's ClientHello alike.
+    let text = "[[listener]]\nbind = \"127.0.0.1:0\"\n\
+                [admin]\nbind = \"127.0.0.1:0\"\nrequire_pools = [\"desks\"]\n\
+                [[pool]]\nname = \"desks\"\nmax_fails = 1\nfail_timeout = \"1h\"\n\
+                [[pool.agents]]\naddr = \"127.0.0.1:1\"\n\
+                [routing]\ndefault_pool = \"desks\"\n";
+    let mut proxy = Proxy::start(Some(text), &[]);
+    let health = format!("http://{}/health", proxy.admin.unwrap());
+    assert_eq!(curl(&health), (200, "ok\n".to_owned()));
+    let _ = raw_client(proxy.addr, &client_hello(Some("any.test"), &[], 1 << 14));
+    proxy.closed("pool_failed");
+    assert_eq!(
+        curl(&health),
+        (503, "pool desks: no healthy agent\n".to_owned())
+    );
+
+    // A name that is not a pool is refused with its line.
+    let bad = "[admin]\nbind = \"127.0.0.1:0\"\nrequire_pools = [\"nope\"]\n";
+    let e = splicegate::config::Config::parse(bad, "x.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("x.toml:3: key `require_pools`"), "{e}");
+}

@@ -274,12 +274,12 @@ pub fn redirect(location: &str) -> Vec<u8> {
     format!("HTTP/1.1 301 Moved Permanently\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").into_bytes()
 }
 
-/// The health answer: 200 while serving, 503 while draining.
-pub fn health(draining: bool) -> Vec<u8> {
-    let (status, body) = if draining {
-        (503, "draining\n")
-    } else {
-        (200, "ok\n")
+/// The health answer: 200 `ok`, or 503 with why (draining, or a required
+/// pool without a healthy agent).
+pub fn health(unhealthy: Option<&str>) -> Vec<u8> {
+    let (status, body) = match unhealthy {
+        Some(why) => (503, format!("{why}\n")),
+        None => (200, "ok\n".to_owned()),
     };
     format!(
         "HTTP/1.1 {status} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n{body}",

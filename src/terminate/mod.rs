@@ -188,10 +188,10 @@ pub(crate) async fn serve(
     };
     let (route, target, path) = match decision {
         PathDecision::Health => {
+            let why = routing.unhealthy(ctx.metrics.draining());
             drop(routing);
-            let draining = ctx.metrics.draining();
-            rec.status = Some(if draining { 503 } else { 200 });
-            write_and_close(&mut client, &http::health(draining), set.head_timeout).await;
+            rec.status = Some(if why.is_some() { 503 } else { 200 });
+            write_and_close(&mut client, &http::health(why.as_deref()), set.head_timeout).await;
             return Err(("health", "health answered locally".into()));
         }
         PathDecision::Redirect(location) => {
