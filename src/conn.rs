@@ -139,9 +139,8 @@ async fn serve(
 ) -> Result<forward::End, Refusal> {
     let cfg = &ctx.config;
     let name = cfg.name.as_str();
-    if let Err(e) = crate::net::tune(&client, cfg.keepalive) {
-        tracing::debug!(error = %e, "cannot set client socket options");
-    }
+    // TCP_NODELAY and keepalive were set on the listening socket and are
+    // inherited by accepted sockets: no setsockopt here.
 
     // PROXY header: required from trusted peers, refused from anyone else.
     let trusted = cfg.proxy_protocol != pp::Mode::Off

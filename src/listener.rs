@@ -93,3 +93,33 @@ fn is_exhaustion(e: &io::Error) -> bool {
         Some(libc_errno) if [nix::libc::EMFILE, nix::libc::ENFILE, nix::libc::ENOBUFS, nix::libc::ENOMEM].contains(&libc_errno)
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DEFAULT_KEEPALIVE;
+    use socket2::SockRef;
+
+    /// The client leg relies on this: options set on the listening socket
+    /// are copied to accepted sockets.
+    #[test]
+    fn accepted_sockets_inherit_nodelay_and_keepalive() {
+        let l = bind("127.0.0.1:0".parse().unwrap(), 16, false).unwrap();
+        crate::net::tune_sock(SockRef::from(&l), Some(DEFAULT_KEEPALIVE)).unwrap();
+        l.set_nonblocking(false).unwrap();
+        let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (a, _) = l.accept().unwrap();
+        let s = SockRef::from(&a);
+        assert!(s.tcp_nodelay().unwrap());
+        assert!(s.keepalive().unwrap());
+        assert_eq!(s.tcp_keepalive_time().unwrap(), DEFAULT_KEEPALIVE.time);
+        assert_eq!(
+            s.tcp_keepalive_interval().unwrap(),
+            DEFAULT_KEEPALIVE.interval
+        );
+        assert_eq!(
+            s.tcp_keepalive_retries().unwrap(),
+            DEFAULT_KEEPALIVE.retries
+        );
+    }
+}

@@ -237,13 +237,16 @@ impl Server {
         let mut bound = Vec::new();
         for l in &config.listeners {
             for &addr in &l.bind {
-                let sock = listener::bind(addr, l.backlog, l.reuse_port).map_err(|source| {
-                    StartError::Bind {
+                let sock = listener::bind(addr, l.backlog, l.reuse_port)
+                    .and_then(|s| {
+                        crate::net::tune_sock(socket2::SockRef::from(&s), l.keepalive)?;
+                        Ok(s)
+                    })
+                    .map_err(|source| StartError::Bind {
                         listener: l.name.clone(),
                         addr,
                         source,
-                    }
-                })?;
+                    })?;
                 bound.push((l.clone(), sock));
             }
         }
