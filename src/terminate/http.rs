@@ -441,6 +441,72 @@ mod tests {
         }
     }
 
+    /// Random heads built from the bytes that matter to the parser never
+    /// panic, and whatever parses routes without panicking too.
+    #[test]
+    fn random_heads_never_panic() {
+        let alphabet: &[&[u8]] = &[
+            b"GET",
+            b"POST",
+            b" ",
+            b"/",
+            b"?",
+            b":",
+            b"\r\n",
+            b"\r",
+            b"\n",
+            b"\0",
+            b"HTTP/1.1",
+            b"HTTP/1.0",
+            b"Host",
+            b"Content-Length",
+            b"Transfer-Encoding",
+            b"Upgrade",
+            b"websocket",
+            b"Connection",
+            b"1",
+            b"999",
+            b".",
+            b"10.150.248.180",
+            b"\xff",
+            b"\xc3\xa9",
+            b"https://",
+            b"\t",
+            b",",
+            b"*",
+        ];
+        let mut table = crate::route::path::PathTable::new();
+        table.agent_in_path = Some(crate::route::path::PathAgent {
+            allow: vec!["10.0.0.0/8".parse().unwrap()],
+            ports: vec![8443],
+            strip: true,
+        });
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        for _ in 0..20_000 {
+            let mut head = b"GET /".to_vec();
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            for i in 0..(x % 40) {
+                let k = (x.rotate_left(i as u32 * 5) % alphabet.len() as u64) as usize;
+                head.extend_from_slice(alphabet[k]);
+            }
+            let target = String::from_utf8_lossy(&head[4..]).into_owned();
+            let _ = table.resolve(&target);
+            head.extend_from_slice(b"\r\n\r\n");
+            if let Ok(h) = parse(&head) {
+                let _ = rewrite(
+                    &h,
+                    h.target,
+                    Some(Forwarded {
+                        client: "192.0.2.1".parse().unwrap(),
+                    }),
+                );
+                let _ = table.resolve(h.target);
+            }
+        }
+    }
+
     #[test]
     fn head_end_resumes() {
         let buf = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nx";
