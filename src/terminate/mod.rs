@@ -92,8 +92,42 @@ enum HeadRead {
     Io(std::io::Error),
 }
 
+/// Why a request is not forwarded: answered with an error page when
+/// `status` is set, else just closed (the client is gone or already
+/// answered).
+struct Fail {
+    status: Option<u16>,
+    kind: &'static str,
+    why: String,
+}
+
+impl Fail {
+    fn page(status: u16, kind: &'static str, why: String) -> Fail {
+        Fail {
+            status: Some(status),
+            kind,
+            why,
+        }
+    }
+
+    fn quiet(kind: &'static str, why: String) -> Fail {
+        Fail {
+            status: None,
+            kind,
+            why,
+        }
+    }
+}
+
+/// The request as read.
+struct Request {
+    /// The head as read (body bytes may follow it in `buf`).
+    buf: Vec<u8>,
+    head_len: usize,
+}
+
 /// Serve a terminate-mode connection whose ClientHello (`replay`, every
-/// byte read so far) has been sniffed.
+/// byte read so far) has been sniffed: TLS handshake, then one request.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn serve(
     client: TcpStream,
@@ -106,9 +140,7 @@ pub(crate) async fn serve(
     real_client: SocketAddr,
     out_header: Vec<u8>,
 ) -> Result<End, Refusal> {
-    let cfg = &ctx.config;
-    let set = &tls.settings;
-    let left = cfg.hello_timeout.saturating_sub(started.elapsed());
+    let left = ctx.config.hello_timeout.saturating_sub(started.elapsed());
     let accept = tls.acceptor.accept(Prefixed::new(replay, client));
     let mut client = match tokio::time::timeout(left, accept).await {
         Ok(Ok(s)) => s,
@@ -123,252 +155,287 @@ pub(crate) async fn serve(
                 "tls_handshake",
                 format!(
                     "tls: handshake with the client not finished within {:?} of accept",
-                    cfg.hello_timeout
+                    ctx.config.hello_timeout
                 ),
             ))
         }
     };
-
-    let mut buf = Vec::with_capacity(2048);
-    let head_len = match read_head(&mut client, &mut buf, set.head_max_bytes, set.head_timeout)
-        .await
-    {
-        Ok(n) => n,
-        Err(HeadRead::TooLarge(n)) => {
-            let why = format!(
-                "http: request head exceeds {} bytes ({n} read without its end)",
-                set.head_max_bytes
-            );
-            return Err(reply_error(&mut client, rec, 400, "head_too_large", why, id).await);
-        }
-        Err(HeadRead::Timeout(n)) => {
-            let why = format!(
-                "http: request head not complete within {:?} ({n} bytes received)",
-                set.head_timeout
-            );
-            return Err(reply_error(&mut client, rec, 408, "head_timeout", why, id).await);
-        }
-        Err(HeadRead::Closed(0)) => {
-            return Err((
-                "no_request",
-                "http: client closed the connection without sending a request".into(),
-            ))
-        }
-        Err(HeadRead::Closed(n)) => {
-            return Err((
-                "truncated",
-                format!("http: client closed after {n} bytes of an incomplete request head"),
-            ))
-        }
-        Err(HeadRead::Io(e)) => {
-            return Err((
-                "io_error",
-                format!("http: read from client failed before the request head was complete: {e}"),
-            ))
-        }
+    let job = Job {
+        ctx,
+        tls,
+        started,
+        id,
+        real_client,
     };
-    let head = match http::parse(&buf[..head_len]) {
-        Ok(h) => h,
-        Err(e) => {
-            let why = format!("http: {e}");
-            return Err(reply_error(&mut client, rec, 400, "bad_request", why, id).await);
+    match job.exchange(&mut client, rec, out_header).await {
+        Ok(end) => Ok(end),
+        Err(Fail {
+            status: Some(status),
+            kind,
+            why,
+        }) => {
+            rec.status = Some(status);
+            let page = http::error_page(status, &why, id);
+            write_and_close(&mut client, &page, Duration::from_secs(5)).await;
+            Err((kind, why))
         }
-    };
-    let path_only = head.target.split('?').next().unwrap_or("/");
-    rec.path = Some(path_only.to_owned());
-
-    let routing = ctx.routes.current();
-    let decision = match routing.paths.resolve(head.target) {
-        Ok(d) => d,
-        Err(e) => {
-            drop(routing);
-            let why = format!("route: {e}");
-            return Err(reply_error(&mut client, rec, e.status(), e.kind(), why, id).await);
-        }
-    };
-    let (route, target, path) = match decision {
-        PathDecision::Health => {
-            let why = routing.unhealthy(ctx.metrics.draining());
-            drop(routing);
-            rec.status = Some(if why.is_some() { 503 } else { 200 });
-            write_and_close(&mut client, &http::health(why.as_deref()), set.head_timeout).await;
-            return Err(("health", "health answered locally".into()));
-        }
-        PathDecision::Redirect(location) => {
-            drop(routing);
-            rec.status = Some(301);
-            write_and_close(&mut client, &http::redirect(&location), set.head_timeout).await;
-            return Err(("redirect", format!("redirected to {location}")));
-        }
-        PathDecision::Forward {
-            route,
-            target,
-            path,
-        } => (route, target, path),
-    };
-    rec.route = Some(route);
-    rec.agent = Some(target.to_string());
-
-    let hello_wait = started.elapsed();
-    let (tcp, _slot, attempt, agent_target) = match &target {
-        Target::Pool(name) => {
-            let Some(pool) = routing.pools.get(name).cloned() else {
-                drop(routing);
-                let why = format!("route: pool {name} does not exist");
-                return Err(reply_error(&mut client, rec, 502, "no_route", why, id).await);
-            };
-            drop(routing);
-            match pool
-                .connect(real_client.ip(), cfg.connect_timeout, cfg.keepalive)
-                .await
-            {
-                Ok(c) => {
-                    let t = c.slot.agent().config.target.clone();
-                    rec.agent = Some(c.slot.agent().name.clone());
-                    (c.stream, Some(c.slot), c.attempt, t)
-                }
-                Err(e) => {
-                    let status = match &e {
-                        PoolError::AllFailed {
-                            last: ConnectError::Timeout { .. },
-                            ..
-                        } => 504,
-                        _ => 502,
-                    };
-                    let why = format!("upstream: {e}");
-                    return Err(reply_error(&mut client, rec, status, e.kind(), why, id).await);
-                }
-            }
-        }
-        t => {
-            drop(routing);
-            match upstream::connect(t, cfg.connect_timeout, cfg.keepalive).await {
-                Ok(s) => (s, None, 1, t.clone()),
-                Err(e) => {
-                    let status = if matches!(e, ConnectError::Timeout { .. }) {
-                        504
-                    } else {
-                        502
-                    };
-                    let why = format!("upstream: {e}");
-                    return Err(reply_error(&mut client, rec, status, e.kind(), why, id).await);
-                }
-            }
-        }
-    };
-    let mut tcp = tcp;
-    if !out_header.is_empty() {
-        if let Err(e) = tcp.write_all(&out_header).await {
-            let why = format!("upstream: writing the PROXY header to the agent failed: {e}");
-            return Err(reply_error(&mut client, rec, 502, "io_error", why, id).await);
-        }
+        Err(Fail { kind, why, .. }) => Err((kind, why)),
     }
+}
 
-    let fwd = set.forwarded_headers.then_some(http::Forwarded {
-        client: real_client.ip(),
-    });
-    // Only the request's own body goes to the agent: bytes after it (a
-    // pipelined or smuggled second request) are dropped. A WebSocket is a
-    // stream after the 101; a chunked body is forwarded until the client
-    // stops, since finding its end would mean parsing the chunks.
-    let mut client_limit = match (head.websocket, head.body) {
-        (true, _) | (_, http::Body::Chunked) => None,
-        (false, http::Body::None) => Some(0),
-        (false, http::Body::Length(n)) => Some(n),
-    };
-    let mut first = http::rewrite(&head, &path, fwd);
-    let early = &buf[head_len..];
-    let early = match client_limit.as_mut() {
-        Some(left) => {
+/// One connection's context through the steps of [`serve`].
+struct Job<'a> {
+    ctx: &'a ListenerCtx,
+    tls: &'a Tls,
+    started: Instant,
+    id: u64,
+    real_client: SocketAddr,
+}
+
+impl Job<'_> {
+    /// Read the request, route it, connect, forward.
+    async fn exchange(
+        &self,
+        client: &mut ClientStream,
+        rec: &mut Record,
+        out_header: Vec<u8>,
+    ) -> Result<End, Fail> {
+        let set = &self.tls.settings;
+        let req = read_request(client, set).await?;
+        let head = http::parse(&req.buf[..req.head_len])
+            .map_err(|e| Fail::page(400, "bad_request", format!("http: {e}")))?;
+        rec.path = Some(head.target.split('?').next().unwrap_or("/").to_owned());
+
+        let routing = self.ctx.routes.current();
+        let decision = routing
+            .paths
+            .resolve(head.target)
+            .map_err(|e| Fail::page(e.status(), e.kind(), format!("route: {e}")))?;
+        let (route, target, path) = match decision {
+            PathDecision::Health => {
+                let why = routing.unhealthy(self.ctx.metrics.draining());
+                drop(routing);
+                rec.status = Some(if why.is_some() { 503 } else { 200 });
+                write_and_close(client, &http::health(why.as_deref()), set.head_timeout).await;
+                return Err(Fail::quiet("health", "health answered locally".into()));
+            }
+            PathDecision::Redirect(location) => {
+                drop(routing);
+                rec.status = Some(301);
+                write_and_close(client, &http::redirect(&location), set.head_timeout).await;
+                return Err(Fail::quiet("redirect", format!("redirected to {location}")));
+            }
+            PathDecision::Forward {
+                route,
+                target,
+                path,
+            } => (route, target, path),
+        };
+        rec.route = Some(route);
+        rec.agent = Some(target.to_string());
+        let request_wait = self.started.elapsed();
+        let (mut agent, _slot, attempt) = self.connect(&routing, &target, out_header, rec).await?;
+        drop(routing);
+        let connect_time = self.started.elapsed() - request_wait;
+
+        // Only the request's own body goes to the agent: bytes after it (a
+        // pipelined or smuggled second request) are dropped. A WebSocket is
+        // a stream after the 101; a chunked body is forwarded until the
+        // client stops, since finding its end would mean parsing the chunks.
+        let mut client_limit = match (head.websocket, head.body) {
+            (true, _) | (_, http::Body::Chunked) => None,
+            (false, http::Body::None) => Some(0),
+            (false, http::Body::Length(n)) => Some(n),
+        };
+        let fwd = set.forwarded_headers.then_some(http::Forwarded {
+            client: self.real_client.ip(),
+        });
+        let mut first = http::rewrite(&head, &path, fwd);
+        let early = &req.buf[req.head_len..];
+        let keep = client_limit.as_mut().map_or(early.len(), |left| {
             let keep = early
                 .len()
                 .min(usize::try_from(*left).unwrap_or(usize::MAX));
             *left -= keep as u64;
-            &early[..keep]
-        }
-        None => early,
-    };
-    first.extend_from_slice(early);
-    let websocket = head.websocket;
-    let method = head.method.to_owned();
-    drop(buf);
+            keep
+        });
+        first.extend_from_slice(&early[..keep]);
+        let websocket = head.websocket;
+        tracing::info!(
+            event = "routed",
+            sni = rec
+                .hello
+                .as_ref()
+                .and_then(|h| h.sni.as_deref())
+                .unwrap_or("-"),
+            method = head.method,
+            path = rec.path.as_deref().unwrap_or("-"),
+            websocket,
+            route = rec.route.as_deref().unwrap_or("-"),
+            agent = rec.agent.as_deref().unwrap_or("-"),
+            attempt,
+            request_us = request_wait.as_micros() as u64,
+            connect_us = connect_time.as_micros() as u64,
+            "request routed"
+        );
+        drop(req);
 
-    let opts = StreamOptions {
-        idle_timeout: if websocket {
-            cfg.idle_timeout
-        } else {
-            set.request_idle_timeout
-        },
-        end_with_agent: !websocket,
-        client_limit,
-    };
-    let mut agent = match &tls.upstream {
-        None => Agent::Plain(tcp),
-        Some(connector) => {
-            let name = set.upstream_server_name.as_deref();
-            match upstream::tls::handshake(connector, tcp, &agent_target, name, cfg.connect_timeout)
-                .await
-            {
-                Ok(s) => Agent::Tls(Box::new(s)),
-                Err(e) => {
-                    let why = format!("upstream: {e}");
-                    return Err(reply_error(&mut client, rec, 502, "agent_tls", why, id).await);
-                }
+        let opts = StreamOptions {
+            idle_timeout: if websocket {
+                self.ctx.config.idle_timeout
+            } else {
+                set.request_idle_timeout
+            },
+            end_with_agent: !websocket,
+            client_limit,
+        };
+        let counters = conn::register(self.ctx, rec, self.id, connect_time);
+        let mut drain = self.ctx.drain.clone();
+        let mut seen = Seen::default();
+        let end = match &mut agent {
+            Agent::Plain(s) => {
+                forward(client, s, &first, opts, &mut drain, &counters, &mut seen).await
             }
+            Agent::Tls(s) => {
+                forward(
+                    client,
+                    s.as_mut(),
+                    &first,
+                    opts,
+                    &mut drain,
+                    &counters,
+                    &mut seen,
+                )
+                .await
+            }
+        };
+        rec.status = seen.status;
+        use std::sync::atomic::Ordering::Relaxed;
+        if matches!(end, End::Done) && counters.to_client.load(Relaxed) == 0 {
+            return Err(Fail::quiet(
+                "agent_empty",
+                "upstream: agent closed the connection without a response".into(),
+            ));
         }
-    };
-    let connect_time = started.elapsed() - hello_wait;
-    let counters = conn::register(ctx, rec, id, connect_time);
-    tracing::info!(
-        event = "routed",
-        sni = rec.hello.as_ref().and_then(|h| h.sni.as_deref()).unwrap_or("-"),
-        method = %method,
-        path = rec.path.as_deref().unwrap_or("-"),
-        websocket,
-        route = rec.route.as_deref().unwrap_or("-"),
-        agent = rec.agent.as_deref().unwrap_or("-"),
-        attempt,
-        hello_us = hello_wait.as_micros() as u64,
-        connect_us = connect_time.as_micros() as u64,
-        "request routed"
-    );
-    let mut drain = ctx.drain.clone();
-    let mut seen = Seen::default();
-    let end = match &mut agent {
-        Agent::Plain(s) => {
-            forward(
-                &mut client,
-                s,
-                &first,
-                opts,
-                &mut drain,
-                &counters,
-                &mut seen,
-            )
-            .await
-        }
-        Agent::Tls(s) => {
-            forward(
-                &mut client,
-                s.as_mut(),
-                &first,
-                opts,
-                &mut drain,
-                &counters,
-                &mut seen,
-            )
-            .await
-        }
-    };
-    rec.status = seen.status;
-    use std::sync::atomic::Ordering::Relaxed;
-    if matches!(end, End::Done) && counters.to_client.load(Relaxed) == 0 {
-        return Err((
-            "agent_empty",
-            "upstream: agent closed the connection without a response".into(),
-        ));
+        Ok(end)
     }
-    Ok(end)
+
+    /// Connect to the target (through its pool, with retries), send the
+    /// PROXY header if configured, then TLS to the agent unless
+    /// `upstream_tls = "off"`. Returns the agent leg, the pool slot held
+    /// for the connection's life, and the attempt that succeeded.
+    async fn connect(
+        &self,
+        routing: &crate::server::Routing,
+        target: &Target,
+        out_header: Vec<u8>,
+        rec: &mut Record,
+    ) -> Result<(Agent, Option<crate::upstream::pool::Slot>, usize), Fail> {
+        let cfg = &self.ctx.config;
+        let (mut tcp, slot, attempt, agent_target) = match target {
+            Target::Pool(name) => {
+                let pool = routing.pools.get(name).cloned().ok_or_else(|| {
+                    Fail::page(
+                        502,
+                        "no_route",
+                        format!("route: pool {name} does not exist"),
+                    )
+                })?;
+                let c = pool
+                    .connect(self.real_client.ip(), cfg.connect_timeout, cfg.keepalive)
+                    .await
+                    .map_err(|e| {
+                        let status = match &e {
+                            PoolError::AllFailed {
+                                last: ConnectError::Timeout { .. },
+                                ..
+                            } => 504,
+                            _ => 502,
+                        };
+                        Fail::page(status, e.kind(), format!("upstream: {e}"))
+                    })?;
+                let t = c.slot.agent().config.target.clone();
+                rec.agent = Some(c.slot.agent().name.clone());
+                (c.stream, Some(c.slot), c.attempt, t)
+            }
+            t => {
+                let s = upstream::connect(t, cfg.connect_timeout, cfg.keepalive)
+                    .await
+                    .map_err(|e| {
+                        let status = if matches!(e, ConnectError::Timeout { .. }) {
+                            504
+                        } else {
+                            502
+                        };
+                        Fail::page(status, e.kind(), format!("upstream: {e}"))
+                    })?;
+                (s, None, 1, t.clone())
+            }
+        };
+        if !out_header.is_empty() {
+            tcp.write_all(&out_header).await.map_err(|e| {
+                Fail::page(
+                    502,
+                    "io_error",
+                    format!("upstream: writing the PROXY header to the agent failed: {e}"),
+                )
+            })?;
+        }
+        let set = &self.tls.settings;
+        let agent = match &self.tls.upstream {
+            None => Agent::Plain(tcp),
+            Some(connector) => {
+                let name = set.upstream_server_name.as_deref();
+                let s = upstream::tls::handshake(
+                    connector,
+                    tcp,
+                    &agent_target,
+                    name,
+                    cfg.connect_timeout,
+                )
+                .await
+                .map_err(|e| Fail::page(502, "agent_tls", format!("upstream: {e}")))?;
+                Agent::Tls(Box::new(s))
+            }
+        };
+        Ok((agent, slot, attempt))
+    }
+}
+
+/// Read the request head, bounded by `head_max_bytes` and `head_timeout`.
+async fn read_request(client: &mut ClientStream, set: &TerminateConfig) -> Result<Request, Fail> {
+    let mut buf = Vec::with_capacity(2048);
+    match read_head(client, &mut buf, set.head_max_bytes, set.head_timeout).await {
+        Ok(head_len) => Ok(Request { buf, head_len }),
+        Err(HeadRead::TooLarge(n)) => Err(Fail::page(
+            400,
+            "head_too_large",
+            format!(
+                "http: request head exceeds {} bytes ({n} read without its end)",
+                set.head_max_bytes
+            ),
+        )),
+        Err(HeadRead::Timeout(n)) => Err(Fail::page(
+            408,
+            "head_timeout",
+            format!(
+                "http: request head not complete within {:?} ({n} bytes received)",
+                set.head_timeout
+            ),
+        )),
+        Err(HeadRead::Closed(0)) => Err(Fail::quiet(
+            "no_request",
+            "http: client closed the connection without sending a request".into(),
+        )),
+        Err(HeadRead::Closed(n)) => Err(Fail::quiet(
+            "truncated",
+            format!("http: client closed after {n} bytes of an incomplete request head"),
+        )),
+        Err(HeadRead::Io(e)) => Err(Fail::quiet(
+            "io_error",
+            format!("http: read from client failed before the request head was complete: {e}"),
+        )),
+    }
 }
 
 /// Send `first` (the rewritten head and early body bytes), then stream.
@@ -433,22 +500,6 @@ async fn read_head(
             return Err(HeadRead::Closed(old));
         }
     }
-}
-
-/// Answer with an error page, log-ready: returns the refusal for the
-/// access log and records the status.
-async fn reply_error(
-    client: &mut ClientStream,
-    rec: &mut Record,
-    status: u16,
-    kind: &'static str,
-    reason: String,
-    id: u64,
-) -> Refusal {
-    rec.status = Some(status);
-    let page = http::error_page(status, &reason, id);
-    write_and_close(client, &page, Duration::from_secs(5)).await;
-    (kind, reason)
 }
 
 /// Write a complete response and close (TLS close_notify, then FIN),
