@@ -145,6 +145,12 @@ fn check(path: &std::path::Path) -> Result<(), String> {
         for w in splicegate::terminate::certs::uncovered(&store.leaves(), &config.routes) {
             println!("warning: listener {}: {w}", l.name);
         }
+        if config.paths.is_empty() {
+            println!(
+                "warning: listener {}: no [[path_route]] or [path_agent]: every request but the health path gets 404",
+                l.name
+            );
+        }
     }
     println!("{}: OK", path.display());
     Ok(())

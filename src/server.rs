@@ -218,6 +218,9 @@ impl Server {
         let mut tls = HashMap::new();
         for l in &config.listeners {
             if let Some(t) = &l.terminate {
+                if config.paths.is_empty() {
+                    tracing::warn!(event = "no_path_routes", listener = %l.name, "terminate listener without [[path_route]] or [path_agent]: every request but the health path gets 404");
+                }
                 let state = crate::terminate::Tls::new(t).map_err(|what| StartError::Tls {
                     listener: l.name.clone(),
                     what,

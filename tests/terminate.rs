@@ -625,6 +625,25 @@ fn check_warns_about_route_names_the_certificate_does_not_cover() {
     );
     assert!(!text.contains("route name a.dcv.example"), "{text}");
     assert!(text.contains("mode=terminate"), "{text}");
+    assert!(!text.contains("gets 404"), "{text}");
+
+    // Without any path route every request would get 404: check says so.
+    let bare = config.replace(
+        "[[path_route]]\nprefix = \"/\"\nagent = \"127.0.0.1:1\"\n",
+        "",
+    );
+    assert_ne!(bare, config);
+    let file = TempFile::new(".toml", bare.as_bytes());
+    let out = Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&file.0)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("warning: listener listener1: no [[path_route]] or [path_agent]: every request but the health path gets 404"),
+        "{text}"
+    );
 
     // A terminate listener without certificates, and terminate keys on a
     // passthrough listener, name the line and key.
