@@ -216,8 +216,8 @@ async fn refusals_are_http_pages_with_reasons_and_no_connection_attempt() {
         assert_eq!(ev["status"], status.to_string(), "{path}: {ev}");
         assert!(ev["reason"].as_str().unwrap().contains(why), "{ev}");
     }
-    // The rogue agent was connected to (and failed verification); the
-    // refused addresses never were: no `routed` event except none at all.
+    // Neither the agent in the path nor the rogue agent (whose certificate
+    // failed verification) received a request.
     assert!(f.a.heads.try_recv().is_err());
     assert!(
         f.rogue.heads.try_recv().is_err(),

@@ -155,6 +155,36 @@ pub struct Run {
 }
 
 impl Run {
+    /// A bulk transfer of `bytes` agent → client on the stream `open`
+    /// gives, in Gbit/s; the target's and the machine's CPU per GiB during
+    /// it are recorded in the run.
+    async fn bulk_with_cpu<S>(
+        &mut self,
+        what: &str,
+        bytes: u64,
+        pids: &[u32],
+        open: impl std::future::Future<Output = std::io::Result<S>>,
+    ) -> Option<f64>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let (cpu0, m0) = (targets::cpu_seconds(pids), targets::machine_seconds());
+        let gbit = self
+            .step(what, async {
+                let mut s = open.await?;
+                load::bulk(&mut s, bytes)
+                    .await
+                    .map(|secs| bytes as f64 * 8.0 / secs / 1e9)
+            })
+            .await?;
+        let gib = bytes as f64 / f64::from(1u32 << 30);
+        self.machine_cpu_s_per_gib = Some((targets::machine_seconds() - m0) / gib);
+        if !pids.is_empty() {
+            self.proxy_cpu_s_per_gib = Some((targets::cpu_seconds(pids) - cpu0) / gib);
+        }
+        Some(gbit)
+    }
+
     /// Await one test, bounded to 300 s; a failure or timeout is recorded
     /// in `errors` and gives None.
     async fn step<T, E: std::fmt::Display>(
@@ -500,22 +530,14 @@ async fn measure(
         })
         .await;
 
-    let (cpu0, m0) = (targets::cpu_seconds(&pids), targets::machine_seconds());
     run.raw_bulk_gbit = run
-        .step("raw-bulk", async {
-            let mut s = load::raw_open(raw_addr, &raw_sni).await?;
-            load::bulk(&mut s, p.raw_bulk_bytes)
-                .await
-                .map(|secs| p.raw_bulk_bytes as f64 * 8.0 / secs / 1e9)
-        })
+        .bulk_with_cpu(
+            "raw-bulk",
+            p.raw_bulk_bytes,
+            &pids,
+            load::raw_open(raw_addr, &raw_sni),
+        )
         .await;
-    if run.raw_bulk_gbit.is_some() {
-        let gib = p.raw_bulk_bytes as f64 / f64::from(1u32 << 30);
-        run.machine_cpu_s_per_gib = Some((targets::machine_seconds() - m0) / gib);
-        if !pids.is_empty() {
-            run.proxy_cpu_s_per_gib = Some((targets::cpu_seconds(&pids) - cpu0) / gib);
-        }
-    }
     run.raw_rtt = run
         .step("raw-rtt", async {
             let mut s = load::raw_open(raw_addr, &raw_sni).await?;

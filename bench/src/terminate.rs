@@ -230,22 +230,9 @@ pub async fn measure(
         run.rtt_concurrent = Some(s);
         run.ops_per_sec = Some(ops);
     }
-    let (cpu0, m0) = (targets::cpu_seconds(&pids), targets::machine_seconds());
     run.bulk_gbit = run
-        .step("bulk", async {
-            let mut s = open(addr, cfg).await?;
-            load::bulk(&mut s, p.bulk_bytes)
-                .await
-                .map(|secs| p.bulk_bytes as f64 * 8.0 / secs / 1e9)
-        })
+        .bulk_with_cpu("bulk", p.bulk_bytes, &pids, open(addr, cfg))
         .await;
-    if run.bulk_gbit.is_some() {
-        let gib = p.bulk_bytes as f64 / f64::from(1u32 << 30);
-        run.machine_cpu_s_per_gib = Some((targets::machine_seconds() - m0) / gib);
-        if !pids.is_empty() {
-            run.proxy_cpu_s_per_gib = Some((targets::cpu_seconds(&pids) - cpu0) / gib);
-        }
-    }
     run
 }
 
