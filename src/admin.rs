@@ -2,28 +2,57 @@
 //! and `GET /metrics` for Prometheus. Plain HTTP/1.1, one request per
 //! connection, on its own address (like the DCV Connection Gateway's health
 //! port 8989).
+//!
+//! An AWS NLB with PROXY protocol v2 enabled on the target group puts a
+//! header in front of its health-check connections too, whatever port they
+//! use. The admin listener therefore accepts an optional PROXY header (v1
+//! or v2, LOCAL or PROXY) from `[admin] proxy_trusted` peers, refuses one
+//! from anyone else, and answers plain requests (a Prometheus scraper sends
+//! no header) from everyone.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
+use crate::cidr::Cidr;
 use crate::metrics::Metrics;
+use crate::proxy_protocol::{self as pp, ReadError};
 use crate::server::SharedRoutes;
 
 const MAX_REQUEST: usize = 8192;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What the admin listener needs besides its socket.
+pub struct Admin {
+    /// Counters rendered by `/metrics`.
+    pub metrics: Arc<Metrics>,
+    /// The live routing (pool health for `/health`).
+    pub routes: Arc<SharedRoutes>,
+    /// Peers whose PROXY headers are accepted.
+    pub proxy_trusted: Vec<Cidr>,
+    /// Connections served at once; more wait in the backlog.
+    pub max_connections: usize,
+}
+
 /// Serve until the task is dropped.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, routes: Arc<SharedRoutes>) {
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+    let permits = Arc::new(Semaphore::new(admin.max_connections.max(1)));
     loop {
+        // At the cap, connections wait in the kernel's backlog.
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+            return;
+        };
         match listener.accept().await {
-            Ok((s, _)) => {
-                let m = Arc::clone(&metrics);
-                let r = Arc::clone(&routes);
+            Ok((s, peer)) => {
+                let admin = Arc::clone(&admin);
                 tokio::spawn(async move {
-                    let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(s, &m, &r)).await;
+                    let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(s, peer, &admin)).await;
+                    drop(permit);
                 });
             }
             Err(e) => {
@@ -34,10 +63,46 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, routes: Arc<Sha
     }
 }
 
-async fn answer(mut s: TcpStream, metrics: &Metrics, routes: &SharedRoutes) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
+async fn answer(mut s: TcpStream, peer: SocketAddr, admin: &Admin) -> std::io::Result<()> {
+    let (header, mut buf) = match pp::read_optional(&mut s, Instant::now(), REQUEST_TIMEOUT).await {
+        Ok(read) => read,
+        // A TCP health check: connect, then close.
+        Err(ReadError::Truncated { received: 0 }) => return Ok(()),
+        Err(e) => {
+            tracing::info!(event = "admin_refused", peer = %peer, outcome = e.kind(), reason = %e, "admin: bad PROXY header");
+            let body = format!("bad PROXY header: {e}\n");
+            return respond(&mut s, false, "400 Bad Request", "text/plain", &body).await;
+        }
+    };
+    if header.is_some() && !admin.proxy_trusted.iter().any(|c| c.contains(peer.ip())) {
+        tracing::info!(event = "admin_refused", peer = %peer, outcome = "proxy_untrusted", "admin: PROXY header from a peer outside [admin] proxy_trusted refused");
+        return respond(
+            &mut s,
+            false,
+            "400 Bad Request",
+            "text/plain",
+            "PROXY header from an untrusted peer; see [admin] proxy_trusted\n",
+        )
+        .await;
+    }
+    buf.reserve(1024);
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        if buf.len() >= MAX_REQUEST || s.read_buf(&mut buf).await? == 0 {
+        if buf.len() >= MAX_REQUEST {
+            return respond(
+                &mut s,
+                false,
+                "400 Bad Request",
+                "text/plain",
+                "bad request\n",
+            )
+            .await;
+        }
+        if s.read_buf(&mut buf).await? == 0 {
+            if buf.is_empty() {
+                // A PROXY header (LOCAL: a load balancer's TCP health
+                // check) and nothing else.
+                return Ok(());
+            }
             return respond(
                 &mut s,
                 false,
@@ -63,8 +128,9 @@ async fn answer(mut s: TcpStream, metrics: &Metrics, routes: &SharedRoutes) -> s
         )
         .await;
     }
+    let routes = &admin.routes;
     match path.split('?').next().unwrap_or("") {
-        "/health" => match routes.current().unhealthy(metrics.draining()) {
+        "/health" => match routes.current().unhealthy(admin.metrics.draining()) {
             Some(why) => {
                 let body = format!("{why}\n");
                 respond(&mut s, head, "503 Service Unavailable", "text/plain", &body).await
@@ -72,7 +138,7 @@ async fn answer(mut s: TcpStream, metrics: &Metrics, routes: &SharedRoutes) -> s
             None => respond(&mut s, head, "200 OK", "text/plain", "ok\n").await,
         },
         "/metrics" => {
-            let mut text = metrics.render();
+            let mut text = admin.metrics.render();
             crate::upstream::pool::render_metrics(&routes.current().pools, &mut text);
             respond(&mut s, head, "200 OK", "text/plain; version=0.0.4", &text).await
         }

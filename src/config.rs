@@ -149,7 +149,15 @@ pub enum SendProxy {
 pub struct AdminConfig {
     /// Address to bind.
     pub bind: SocketAddr,
+    /// Peers whose PROXY headers are accepted (optional from them, refused
+    /// from anyone else). Default: every listener's `proxy_trusted`.
+    pub proxy_trusted: Vec<Cidr>,
+    /// Admin connections served at once; more wait in the backlog.
+    pub max_connections: usize,
 }
+
+/// Default cap on concurrent admin connections.
+pub const DEFAULT_ADMIN_CONNECTIONS: usize = 64;
 
 /// TCP keepalive parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -344,8 +352,28 @@ impl Config {
 
         let mut config = Config::default();
         let mut required: Vec<Spanned<String>> = Vec::new();
+        let mut admin_trusted = None;
         if let Some(a) = file.admin {
-            config.admin = Some(AdminConfig { bind: a.bind.0 });
+            config.admin = Some(AdminConfig {
+                bind: a.bind.0,
+                proxy_trusted: Vec::new(),
+                max_connections: DEFAULT_ADMIN_CONNECTIONS,
+            });
+            if let Some(n) = a.max_connections {
+                let v = *n.get_ref();
+                if !(1..=65536).contains(&v) {
+                    return Err(at(
+                        n.span(),
+                        format!("key `max_connections`: {v} is outside 1..=65536"),
+                    ));
+                }
+                if let Some(c) = config.admin.as_mut() {
+                    c.max_connections = v;
+                }
+            }
+            admin_trusted = a
+                .proxy_trusted
+                .map(|v| v.into_iter().map(|c| c.0).collect::<Vec<Cidr>>());
             config.drain_grace = DEFAULT_DRAIN_GRACE;
             required = a.require_pools;
         }
@@ -542,6 +570,21 @@ impl Config {
                 ));
             }
             config.listeners.push(lc);
+        }
+        if let Some(admin) = config.admin.as_mut() {
+            admin.proxy_trusted = admin_trusted.unwrap_or_else(|| {
+                let mut all: Vec<Cidr> = Vec::new();
+                for l in &config.listeners {
+                    if l.proxy_protocol != ProxyMode::Off {
+                        for c in &l.proxy_trusted {
+                            if !all.contains(c) {
+                                all.push(*c);
+                            }
+                        }
+                    }
+                }
+                all
+            });
         }
 
         if let Some(l) = file.limits {
@@ -937,6 +980,10 @@ impl Config {
         }
         if let Some(a) = &self.admin {
             let _ = writeln!(s, "admin: http://{}/health and /metrics", a.bind);
+            if !a.proxy_trusted.is_empty() {
+                let trusted: Vec<String> = a.proxy_trusted.iter().map(|c| c.to_string()).collect();
+                let _ = writeln!(s, "    optional PROXY header from [{}]", trusted.join(", "));
+            }
         }
         if !self.required_pools.is_empty() {
             let _ = writeln!(
@@ -1071,6 +1118,8 @@ struct AdminSection {
     bind: OneAddr,
     #[serde(default)]
     require_pools: Vec<Spanned<String>>,
+    proxy_trusted: Option<Vec<Parsed<Cidr>>>,
+    max_connections: Option<Spanned<usize>>,
 }
 
 #[derive(Deserialize)]

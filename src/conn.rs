@@ -171,26 +171,36 @@ async fn serve(
     if let Some(v) = &vpce {
         span.record("vpce", v.as_str());
     }
-    if !cfg.allowed_vpce.is_empty() && !vpce.as_ref().is_some_and(|v| cfg.allowed_vpce.contains(v))
-    {
+    // The endpoint allowlist is decided now and enforced once the hello
+    // is in: a refused client then gets a TLS alert saying so, and a LOCAL
+    // header followed by a close (the NLB's TCP health check, which carries
+    // no endpoint id) stays a health probe.
+    let vpce_refusal = (!cfg.allowed_vpce.is_empty()
+        && !vpce.as_ref().is_some_and(|v| cfg.allowed_vpce.contains(v)))
+    .then(|| {
         let seen = vpce
             .as_deref()
             .unwrap_or("none: no PROXY v2 header with an AWS endpoint id");
-        return Err((
+        (
             "vpce_not_allowed",
             format!("vpce: endpoint {seen} is not allowed on this listener"),
-        ));
-    }
-
-    let _client_slot = ctx.limits.enter_client(real_client.ip()).map_err(|n| {
-        (
-            "client_limit",
-            format!(
-                "limits: client {} already has {n} connections (max_per_client)",
-                real_client.ip()
-            ),
         )
-    })?;
+    });
+    let local = header.as_ref().is_some_and(|h| h.command == Command::Local);
+
+    let _client_slot = if vpce_refusal.is_none() {
+        ctx.limits.enter_client(real_client.ip()).map_err(|n| {
+            (
+                "client_limit",
+                format!(
+                    "limits: client {} already has {n} connections (max_per_client)",
+                    real_client.ip()
+                ),
+            )
+        })?
+    } else {
+        None
+    };
 
     let hello = sniff::read_client_hello(
         &mut client,
@@ -202,14 +212,15 @@ async fn serve(
     .await;
     let (hello, replay) = match hello {
         Ok(ok) => ok,
-        Err(SniffError::Truncated { received: 0 })
-            if header.as_ref().is_some_and(|h| h.command == Command::Local) =>
-        {
+        Err(SniffError::Truncated { received: 0 }) if local => {
             rec.probe = true;
             return Err((
                 "health_probe",
                 "PROXY LOCAL header then close: load balancer health probe".into(),
             ));
+        }
+        Err(_) if vpce_refusal.is_some() => {
+            return Err(vpce_refusal.unwrap_or_default());
         }
         Err(SniffError::ProxyHeader) => {
             ctx.metrics.hello(name, "proxy_header", None);
@@ -234,6 +245,16 @@ async fn serve(
     let hello_wait = started.elapsed();
     let hello_outcome = if hello.sni.is_some() { "ok" } else { "no_sni" };
     ctx.metrics.hello(name, hello_outcome, Some(hello_wait));
+    let health_only = match vpce_refusal {
+        // The load balancer's own HTTPS health check on a terminate
+        // listener: it may ask for the health path and nothing else.
+        Some(_) if local && ctx.tls.is_some() => true,
+        Some(refusal) => {
+            rec.hello = Some(hello);
+            return Err(refuse(&client, refusal));
+        }
+        None => false,
+    };
     if let Some(tls) = &ctx.tls {
         rec.hello = Some(hello);
         let out_header = outgoing_header(cfg, header.as_ref(), real_client, &client);
@@ -247,6 +268,7 @@ async fn serve(
             id,
             real_client,
             out_header,
+            health_only,
         )
         .await;
     }
@@ -255,7 +277,7 @@ async fn serve(
         .table
         .resolve_from(hello.sni.as_deref(), vpce.as_deref());
     rec.hello = Some(hello);
-    let decision = decision.map_err(|e| (e.kind(), format!("route: {e}")))?;
+    let decision = decision.map_err(|e| refuse(&client, (e.kind(), format!("route: {e}"))))?;
     rec.route = Some(decision.route.to_string());
     rec.agent = Some(decision.target.to_string());
 
@@ -264,13 +286,16 @@ async fn serve(
     let (mut agent, _slot, attempt) = match &decision.target {
         Target::Pool(name) => {
             let Some(pool) = routing.pools.get(name).cloned() else {
-                return Err(("no_route", format!("route: pool {name} does not exist")));
+                return Err(refuse(
+                    &client,
+                    ("no_route", format!("route: pool {name} does not exist")),
+                ));
             };
             drop(routing);
             let c = pool
                 .connect(real_client.ip(), cfg.connect_timeout, cfg.keepalive)
                 .await
-                .map_err(|e| (e.kind(), format!("upstream: {e}")))?;
+                .map_err(|e| refuse(&client, (e.kind(), format!("upstream: {e}"))))?;
             rec.agent = Some(c.slot.agent().name.clone());
             (c.stream, Some(c.slot), c.attempt)
         }
@@ -279,7 +304,7 @@ async fn serve(
             drop(routing);
             let s = upstream::connect(&target, cfg.connect_timeout, cfg.keepalive)
                 .await
-                .map_err(|e| (e.kind(), format!("upstream: {e}")))?;
+                .map_err(|e| refuse(&client, (e.kind(), format!("upstream: {e}"))))?;
             (s, None, 1)
         }
     };
@@ -289,13 +314,33 @@ async fn serve(
     // before any spliced byte.
     let counters = register(ctx, rec, id, connect_time);
     let out_header = outgoing_header(cfg, header.as_ref(), real_client, &client);
+    // Bounded: an agent that accepts and never reads must not hold the
+    // connection before forwarding (and its idle timeout) begins.
+    let limit = cfg.connect_timeout;
     for bytes in [out_header.as_slice(), replay.as_slice()] {
-        agent.write_all(bytes).await.map_err(|e| {
-            (
-                "io_error",
-                format!("write to agent failed before forwarding: {e}"),
-            )
-        })?;
+        match tokio::time::timeout(limit, agent.write_all(bytes)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(refuse(
+                    &client,
+                    (
+                        "io_error",
+                        format!("write to agent failed before forwarding: {e}"),
+                    ),
+                ))
+            }
+            Err(_) => {
+                return Err(refuse(
+                    &client,
+                    (
+                        "agent_timeout",
+                        format!(
+                            "upstream: the agent did not read the replayed ClientHello within {limit:?}"
+                        ),
+                    ),
+                ))
+            }
+        }
         counters
             .to_agent
             .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -342,6 +387,22 @@ pub(crate) fn register(
         .forwarding(id, key, connect_time, Arc::clone(&counters));
     rec.counters = Some(Arc::clone(&counters));
     counters
+}
+
+/// Refuse a client whose ClientHello is complete with the TLS alert that
+/// says why, so `openssl s_client` and browsers show a reason instead of a
+/// bare connection reset; passes the refusal on.
+fn refuse(client: &TcpStream, refusal: Refusal) -> Refusal {
+    let desc = match refusal.0 {
+        "no_route" | "no_sni" => sniff::Alert::UnrecognizedName,
+        "agent_not_allowed" | "vpce_not_allowed" => sniff::Alert::AccessDenied,
+        _ => sniff::Alert::InternalError,
+    };
+    // Seven bytes into an empty send buffer: one non-blocking write, and
+    // a client that does not read loses nothing but the reason.
+    let _ = client.try_write(&sniff::alert(desc));
+    let _ = socket2::SockRef::from(client).shutdown(std::net::Shutdown::Write);
+    refusal
 }
 
 /// Map PROXY read failures to outcome labels distinct from the ClientHello's.

@@ -888,3 +888,61 @@ pub async fn read_header<S: tokio::io::AsyncRead + Unpin>(
         }),
     }
 }
+
+/// Read a PROXY header of either version if `stream` starts with one, for
+/// listeners where it is optional (the admin listener: the NLB's health
+/// checks send one, a Prometheus scraper does not). Reads only until the
+/// first bytes decide: an HTTP request is known at its first byte. Returns
+/// the header, if any, and every byte read after it.
+pub async fn read_optional<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    started: tokio::time::Instant,
+    timeout: std::time::Duration,
+) -> Result<(Option<Header>, Vec<u8>), ReadError> {
+    use tokio::io::AsyncReadExt;
+    let mut buf: Vec<u8> = Vec::with_capacity(512);
+    let work = async {
+        loop {
+            match header_start(&buf) {
+                None if !buf.is_empty() => return Ok(None),
+                Some(true) => {
+                    if let Parsed::Done(h, used) = parse(&buf, Mode::Any)? {
+                        return Ok(Some((h, used)));
+                    }
+                }
+                _ => {}
+            }
+            if buf.len() >= V2_MAX {
+                return Err(ProxyError::TooLong {
+                    len: buf.len(),
+                    cap: V2_MAX,
+                }
+                .into());
+            }
+            if buf.capacity() == buf.len() {
+                buf.reserve(512.min(V2_MAX - buf.len()));
+            }
+            let n = stream
+                .read_buf(&mut buf)
+                .await
+                .map_err(|e| ReadError::Io(e.to_string()))?;
+            if n == 0 {
+                return Err(ReadError::Truncated {
+                    received: buf.len(),
+                });
+            }
+        }
+    };
+    match tokio::time::timeout_at(started + timeout, work).await {
+        Ok(Ok(Some((h, used)))) => {
+            buf.drain(..used);
+            Ok((Some(h), buf))
+        }
+        Ok(Ok(None)) => Ok((None, buf)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(ReadError::Timeout {
+            after: timeout,
+            received: buf.len(),
+        }),
+    }
+}

@@ -253,12 +253,14 @@ impl Server {
                 bound.push((l.clone(), sock));
             }
         }
-        if let Some(l) = admin_listener {
-            background.push(tokio::spawn(crate::admin::serve(
-                l,
-                Arc::clone(&metrics),
-                Arc::clone(&routes),
-            )));
+        if let (Some(l), Some(a)) = (admin_listener, &config.admin) {
+            let admin = crate::admin::Admin {
+                metrics: Arc::clone(&metrics),
+                routes: Arc::clone(&routes),
+                proxy_trusted: a.proxy_trusted.clone(),
+                max_connections: a.max_connections,
+            };
+            background.push(tokio::spawn(crate::admin::serve(l, Arc::new(admin))));
         }
         let mut addrs = Vec::new();
         let mut accept_loops = Vec::new();

@@ -300,6 +300,27 @@ fn check_first_bytes(buf: &[u8]) -> Result<(), SniffError> {
     )))
 }
 
+/// TLS alerts splicegate sends to a client it refuses after its ClientHello
+/// (RFC 8446 §6.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Alert {
+    /// 40: the handshake cannot go on (used for generic refusals).
+    HandshakeFailure = 40,
+    /// 49: the name or endpoint is not allowed.
+    AccessDenied = 49,
+    /// 80: no agent could be reached.
+    InternalError = 80,
+    /// 112: no route for the name the client asked for.
+    UnrecognizedName = 112,
+}
+
+/// A fatal alert record as a server sends it before its first handshake
+/// message: plaintext, record version TLS 1.2 (RFC 8446 §5.1).
+pub fn alert(desc: Alert) -> [u8; 7] {
+    [CONTENT_ALERT, 3, 3, 0, 2, 2, desc as u8]
+}
+
 /// Parse one complete handshake message (header included) as a ClientHello.
 fn parse_client_hello(msg: &[u8]) -> Result<ClientHello, SniffError> {
     let body = &msg[HANDSHAKE_HEADER..];

@@ -38,10 +38,11 @@ impl Drop for Browser {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_loads_a_page_and_echoes_over_a_websocket_through_the_proxy() {
-    let Some(browser) = chromium() else {
-        eprintln!("SKIP: no chromium on PATH (tests/run-all.sh installs Debian's chromium)");
+    let browser = chromium();
+    if !common::require(browser.is_some(), "no chromium on PATH") {
         return;
-    };
+    }
+    let browser = browser.unwrap_or_default();
     let dir = TempDir::new("browser");
     make_cert(&dir.0, &["IP:127.0.0.1"]);
     let mut agent = http_agent("desk", "127.0.0.2:0", true).await;

@@ -101,8 +101,8 @@ fn s_server(
 
 #[test]
 fn nginx_style_urls_reach_agents_at_10_150_248_x_and_nothing_else() {
-    if let Some(why) = skip_reason() {
-        eprintln!("SKIP: {why}");
+    let why = skip_reason();
+    if !common::require(why.is_none(), why.as_deref().unwrap_or_default()) {
         return;
     }
     let id = std::process::id();

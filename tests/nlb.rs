@@ -18,19 +18,6 @@ use splicegate::testkit::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn have(tool: &str, arg: &str) -> bool {
-    let ok = Command::new(tool)
-        .arg(arg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    if !ok {
-        eprintln!("SKIP: {tool} is not installed (tests/run-all.sh installs it)");
-    }
-    ok
-}
-
 async fn alpha() -> (Identity, Agent) {
     let id = identity(&["alpha.test"]).unwrap();
     let agent = Agent::spawn(
@@ -52,7 +39,7 @@ fn config(agent: SocketAddr, extra: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_sequence_for_deregistration() {
-    if !have("curl", "--version") {
+    if !common::require_tool("curl", "--version") {
         return;
     }
     let (id, agent) = alpha().await;
@@ -138,7 +125,7 @@ fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_scraped_and_parsed() {
-    if !have("curl", "--version") {
+    if !common::require_tool("curl", "--version") {
         return;
     }
     let (id, agent) = alpha().await;
@@ -281,7 +268,7 @@ async fn systemd_notifications_on_a_socket_the_test_owns() {
 
 #[test]
 fn systemd_unit_verifies() {
-    if !have("systemd-analyze", "--version") {
+    if !common::require_tool("systemd-analyze", "--version") {
         return;
     }
     let unit = std::fs::read_to_string("systemd/splicegate.service").unwrap();
@@ -323,7 +310,7 @@ fn systemd_unit_verifies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn haproxy_send_proxy_v2_in_front() {
-    if !have("haproxy", "-v") {
+    if !common::require_tool("haproxy", "-v") {
         return;
     }
     let (id, agent) = alpha().await;
@@ -408,4 +395,195 @@ fn health_turns_503_when_a_required_pool_has_no_healthy_agent() {
         .unwrap_err()
         .to_string();
     assert!(e.starts_with("x.toml:3: key `require_pools`"), "{e}");
+}
+
+/// HAProxy's `show stat` status of server `s` in backend `be` (`UP`,
+/// `DOWN`, `UP 1/2`, ...), read from its stats socket.
+fn haproxy_status(sock: &std::path::Path) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(sock) else {
+        return String::new();
+    };
+    let _ = s.write_all(b"show stat\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.lines()
+        .find(|l| l.starts_with("be,s,"))
+        .and_then(|l| l.split(',').nth(17))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The deployment the docs describe: an HTTP health check on the admin
+/// port with PROXY v2 on every check connection, as an NLB sends it when
+/// the target group has `proxy_protocol_v2.enabled`. HAProxy is the real
+/// health checker: UP while serving, DOWN once a drain starts.
+#[test]
+fn haproxy_http_health_check_with_proxy_v2_on_the_admin_port() {
+    if !common::require_tool("haproxy", "-v") {
+        return;
+    }
+    let text = "[[listener]]\nname = \"dcv\"\nbind = \"127.0.0.1:0\"\nproxy_protocol = \"v2\"\nproxy_trusted = [\"127.0.0.1/32\"]\n\
+                [admin]\nbind = \"127.0.0.1:0\"\n[shutdown]\ndrain_grace = \"1m\"\n";
+    let mut proxy = Proxy::start(Some(text), &[]);
+    let admin = proxy.admin.unwrap();
+    let dir = common::TempDir::new("haproxy-check");
+    let sock = dir.0.join("stats.sock");
+    let cfg = TempFile::new(
+        ".cfg",
+        format!(
+            "global\n  maxconn 100\n  stats socket {} mode 600 level admin\n\
+             defaults\n  mode http\n  timeout connect 2s\n  timeout client 10s\n  timeout server 10s\n\
+             backend be\n  option httpchk GET /health\n  \
+             server s {admin} check send-proxy-v2 check-send-proxy inter 100ms fastinter 100ms downinter 100ms rise 1 fall 1\n",
+            sock.display()
+        )
+        .as_bytes(),
+    );
+    let mut haproxy = Command::new("haproxy")
+        .arg("-db")
+        .arg("-f")
+        .arg(&cfg.0)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let wait_for = |want: &str| {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let status = haproxy_status(&sock);
+            if status.starts_with(want) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "HAProxy never saw the admin listener {want}; last status {status:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for("UP");
+    proxy.signal(Signal::SIGTERM);
+    proxy.event("drain_grace", |_| true);
+    wait_for("DOWN");
+    let _ = haproxy.kill();
+    let _ = haproxy.wait();
+}
+
+/// The admin listener takes an optional PROXY header, split anywhere,
+/// from `[admin] proxy_trusted` peers; refuses one from anyone else; and
+/// answers plain requests either way.
+#[test]
+fn admin_proxy_header_is_optional_from_trusted_peers_only() {
+    use std::io::{Read, Write};
+    let ask = |admin: SocketAddr, pieces: &[&[u8]]| -> String {
+        let mut s = std::net::TcpStream::connect(admin).unwrap();
+        s.set_nodelay(true).unwrap();
+        for p in pieces {
+            s.write_all(p).unwrap();
+            s.flush().unwrap();
+        }
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    let local = {
+        let mut h = splicegate::proxy_protocol::V2_SIGNATURE.to_vec();
+        h.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
+        h
+    };
+    let relayed = splicegate::proxy_protocol::encode_v2(
+        "203.0.113.9:4000".parse().unwrap(),
+        "10.0.1.5:8989".parse().unwrap(),
+        &[],
+        false,
+    );
+    let get = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n";
+
+    let trusted = "[[listener]]\nbind = \"127.0.0.1:0\"\nproxy_protocol = \"v2\"\nproxy_trusted = [\"127.0.0.0/8\"]\n[admin]\nbind = \"127.0.0.1:0\"\n";
+    let proxy = Proxy::start(Some(trusted), &[]);
+    let admin = proxy.admin.unwrap();
+    for pieces in [
+        vec![&get[..]],
+        vec![&local[..], &get[..]],
+        vec![&[local.as_slice(), get].concat()[..]],
+        vec![
+            &relayed[..1],
+            &relayed[1..13],
+            &relayed[13..],
+            &get[..3],
+            &get[3..],
+        ],
+        vec![b"PROXY TCP4 203.0.113.9 10.0.1.5 4000 8989\r\n", &get[..]],
+    ] {
+        let reply = ask(admin, &pieces);
+        assert!(
+            reply.starts_with("HTTP/1.1 200 OK\r\n"),
+            "{pieces:?}: {reply}"
+        );
+        assert!(reply.ends_with("\r\n\r\nok\n"), "{reply}");
+    }
+    // A LOCAL header and a close (a TCP health check): no answer, no error.
+    assert_eq!(ask(admin, &[&local]), "");
+
+    let untrusted = "[admin]\nbind = \"127.0.0.1:0\"\nproxy_trusted = [\"10.0.0.0/8\"]\n[[listener]]\nbind = \"127.0.0.1:0\"\n";
+    let mut proxy = Proxy::start(Some(untrusted), &[]);
+    let admin = proxy.admin.unwrap();
+    assert!(ask(admin, &[get]).starts_with("HTTP/1.1 200 OK\r\n"));
+    let reply = ask(admin, &[&relayed, get]);
+    assert!(reply.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{reply}");
+    assert!(reply.contains("untrusted"), "{reply}");
+    let ev = proxy.event("admin_refused", |_| true);
+    assert_eq!(ev["outcome"], "proxy_untrusted", "{ev}");
+}
+
+/// On a listener with `allowed_vpce`, the NLB's TCP health check (a LOCAL
+/// header, then a close) is a health probe like anywhere else: not an
+/// endpoint refusal in the log or in `/metrics`. A LOCAL header followed by
+/// a ClientHello is still refused, with a TLS alert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_health_probe_on_a_vpce_restricted_listener() {
+    if !common::require_tool("curl", "--version") {
+        return;
+    }
+    let (_, agent) = alpha().await;
+    let cfg = config(agent.addr, "").replace(
+        "proxy_trusted = [\"127.0.0.1/32\"]",
+        "proxy_trusted = [\"127.0.0.1/32\"]\nallowed_vpce = [\"vpce-0allowed\"]",
+    );
+    let mut proxy = Proxy::start_with_env(Some(&cfg), &[], &[("SPLICEGATE_LOG", "debug")]);
+    let mut local = splicegate::proxy_protocol::V2_SIGNATURE.to_vec();
+    local.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
+    drop(raw_client(proxy.addr, &local));
+    let ev = proxy.closed("health_probe");
+    assert_eq!(ev["level"], "DEBUG", "{ev}");
+    assert!(!proxy.saw_closed("vpce_not_allowed"));
+
+    let mut c = raw_client(
+        proxy.addr,
+        &[
+            local.clone(),
+            client_hello(Some("alpha.test"), &[], 1 << 14),
+        ]
+        .concat(),
+    );
+    proxy.closed("vpce_not_allowed");
+    let mut alert = Vec::new();
+    use std::io::Read;
+    let _ = c.read_to_end(&mut alert);
+    assert_eq!(alert, [21, 3, 3, 0, 2, 2, 49], "access_denied alert");
+
+    let (_, body) = curl(&format!("http://{}/metrics", proxy.admin.unwrap()));
+    let m = parse_metrics(&body);
+    let closed = |outcome: &str| {
+        m.iter()
+            .filter(|(k, _)| {
+                k.starts_with("splicegate_connections_closed_total")
+                    && k.contains(&format!("outcome=\"{outcome}\""))
+            })
+            .map(|(_, v)| *v)
+            .sum::<f64>()
+    };
+    assert_eq!(closed("health_probe"), 1.0, "{body}");
+    assert_eq!(closed("vpce_not_allowed"), 1.0, "{body}");
 }

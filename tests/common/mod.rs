@@ -14,6 +14,31 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+/// Whether a requirement of a test is met. When it is not, the test skips
+/// with the printed reason on a developer's machine, but fails under
+/// `CI=true`, where `tests/run-all.sh` has installed every tool and runs
+/// as root: a silent skip there would hide a regression.
+pub fn require(met: bool, what: &str) -> bool {
+    if met {
+        return true;
+    }
+    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+    assert!(!ci, "CI=true and a test requirement is missing: {what}");
+    eprintln!("SKIP: {what} (tests/run-all.sh installs it; under CI=true this fails)");
+    false
+}
+
+/// Whether `tool` runs (`tool arg` starts); see [`require`].
+pub fn require_tool(tool: &str, arg: &str) -> bool {
+    let ok = Command::new(tool)
+        .arg(arg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    require(ok, &format!("{tool} is not installed"))
+}
+
 /// Upper bound for any wait on the proxy; generous for a loaded 2-core CI.
 pub const WAIT: Duration = Duration::from_secs(20);
 
@@ -142,6 +167,13 @@ impl Proxy {
     /// `listening`).
     pub fn saw(&self, name: &str) -> bool {
         self.seen.iter().any(|v| v["event"] == name)
+    }
+
+    /// Whether a `closed` event with this outcome was seen so far.
+    pub fn saw_closed(&self, outcome: &str) -> bool {
+        self.seen
+            .iter()
+            .any(|v| v["event"] == "closed" && v["outcome"] == outcome)
     }
 
     /// Wait for the `closed` event of a connection with this outcome.
