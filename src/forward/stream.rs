@@ -39,6 +39,13 @@ pub struct StreamOptions {
     /// request body); later bytes are read and discarded, so nothing the
     /// client sends after its request reaches the agent. None: no limit.
     pub client_limit: Option<u64>,
+    /// Forward at most this many more bytes from the agent, then end that
+    /// direction (the rest of a response whose length is known). None: until
+    /// the agent closes.
+    pub agent_limit: Option<u64>,
+    /// Read the status code from the agent's first bytes (for the access
+    /// log), when the caller has not read the response head itself.
+    pub probe_status: bool,
 }
 
 /// What the agent answered, seen in its first bytes.
@@ -66,7 +73,9 @@ where
         let mut up = Dir::new((Side::Client, Side::Agent));
         up.remaining = opts.client_limit;
         let mut down = Dir::new((Side::Agent, Side::Client));
-        down.probe_status = true;
+        down.probe_status = opts.probe_status;
+        down.remaining = opts.agent_limit;
+        down.end_at_limit = true;
         let (mut up_done, mut down_done) = (false, false);
         let r = poll_fn(|cx| {
             if !up_done {
@@ -88,7 +97,9 @@ where
             }
         })
         .await;
-        seen.status = down.status;
+        if down.status.is_some() {
+            seen.status = down.status;
+        }
         r
     };
     tokio::select! {
@@ -113,6 +124,8 @@ struct Dir {
     status: Option<u16>,
     /// Bytes still to forward; past it, reads are discarded.
     remaining: Option<u64>,
+    /// At the limit the direction ends instead of discarding.
+    end_at_limit: bool,
 }
 
 impl Dir {
@@ -127,6 +140,7 @@ impl Dir {
             probe_status: false,
             status: None,
             remaining: None,
+            end_at_limit: false,
         }
     }
 
@@ -144,6 +158,9 @@ impl Dir {
         let (from, to) = self.sides;
         let werr = |source| PumpError::Write { side: to, source };
         loop {
+            if self.pos == self.cap && !self.eof && self.end_at_limit && self.remaining == Some(0) {
+                self.eof = true;
+            }
             if self.pos == self.cap && !self.eof {
                 let mut rb = ReadBuf::new(&mut self.buf);
                 match Pin::new(&mut *src).poll_read(cx, &mut rb) {
@@ -195,7 +212,7 @@ impl Dir {
                 count.fetch_add(n as u64, Ordering::Relaxed);
             }
             if self.eof {
-                if self.remaining == Some(0) {
+                if self.remaining == Some(0) && !self.end_at_limit {
                     // The request was complete; the agent's side of the
                     // connection is left as it is.
                     ready!(Pin::new(&mut *dst).poll_flush(cx)).map_err(werr)?;

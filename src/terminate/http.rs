@@ -1,6 +1,14 @@
-//! The HTTP/1.x request head: parse the request line and headers that
-//! routing needs, rewrite the head for the agent, and render the proxy's
-//! own responses. Pure: no I/O.
+//! The HTTP/1.x request head: parse it, rewrite it for the agent, read the
+//! agent's response head, and render the proxy's own responses. Pure: no
+//! I/O.
+//!
+//! Parsing is `httparse`'s (the parser behind hyper, fuzzed upstream),
+//! wrapped in splicegate's own stricter checks: line ends are CRLF only (a
+//! bare CR or LF, or a NUL, is refused, so no agent can split the head
+//! differently), at most [`MAX_HEADERS`] header lines, exactly one `Host`
+//! for HTTP/1.1, one `Content-Length` value, `Transfer-Encoding: chunked`
+//! only, and never both. The whole pass — checks, parse, rewrite — is
+//! linear in the head's size.
 //!
 //! Only the head is parsed. The body, and everything after the agent's
 //! `101 Switching Protocols`, is forwarded as bytes. The request sent to the
@@ -8,10 +16,41 @@
 //! WebSocket), so each client connection carries one request to one agent;
 //! see docs/terminate-mode.md for why.
 
+use std::collections::HashSet;
 use std::fmt::Write as _;
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 
-/// Why a request head was rejected (all answered with 400).
+/// Most header lines a request head may carry (Apache's default
+/// `LimitRequestFields` is 100); more is answered with 431.
+pub const MAX_HEADERS: usize = 128;
+
+/// Headers a client can never have removed by naming them in
+/// `Connection`: the agent needs them to frame and route the request.
+const PROTECTED: [&str; 3] = ["host", "content-length", "transfer-encoding"];
+
+/// Headers a proxy consumes rather than forwards (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 5] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "upgrade",
+];
+
+/// Headers that say who the client is. With `forwarded_headers` on,
+/// splicegate removes the client's copies and sets its own, so a client
+/// cannot choose the address an agent sees.
+const FORWARDING: [&str; 6] = [
+    "x-real-ip",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "forwarded",
+];
+
+/// Why a request head was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HeadError {
     /// The request line is not `METHOD SP TARGET SP HTTP/1.x`.
@@ -26,18 +65,50 @@ pub enum HeadError {
     /// A header line is not `name: value`, or folds onto the next line.
     #[error("malformed header line {0:?}")]
     Header(String),
+    /// A line end that is not CRLF, or a NUL byte.
+    #[error("{what} at offset {offset} of the request head (lines must end with CRLF)")]
+    LineEnd {
+        /// `bare CR`, `bare LF` or `NUL byte`.
+        what: &'static str,
+        /// Offset in the head.
+        offset: usize,
+    },
+    /// More header lines than [`MAX_HEADERS`].
+    #[error("more than {MAX_HEADERS} header lines")]
+    TooManyHeaders,
     /// HTTP/1.1 without exactly one Host header.
     #[error("HTTP/1.1 request needs exactly one Host header, found {0}")]
     Host(usize),
     /// Both Content-Length and Transfer-Encoding (request smuggling).
     #[error("request has both Content-Length and Transfer-Encoding")]
     Framing,
-    /// Bytes that are not text.
-    #[error("request head is not valid text")]
+    /// A Transfer-Encoding other than `chunked`, or one in HTTP/1.0.
+    #[error("unsupported Transfer-Encoding {0:?} (only \"chunked\", in HTTP/1.1)")]
+    TransferCoding(String),
+    /// A request target that is not UTF-8.
+    #[error("request target is not valid text")]
     Encoding,
     /// A Content-Length that is not one decimal number.
     #[error("invalid or conflicting Content-Length {0:?}")]
     Length(String),
+}
+
+impl HeadError {
+    /// Stable short label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            HeadError::TooManyHeaders => "too_many_headers",
+            _ => "bad_request",
+        }
+    }
+
+    /// The status the client is answered with.
+    pub fn status(&self) -> u16 {
+        match self {
+            HeadError::TooManyHeaders => 431,
+            _ => 400,
+        }
+    }
 }
 
 /// How long the request body is, from its headers.
@@ -47,7 +118,7 @@ pub enum Body {
     None,
     /// Exactly this many bytes.
     Length(u64),
-    /// `Transfer-Encoding` (chunked): until the client stops sending.
+    /// `Transfer-Encoding: chunked`: until the client stops sending.
     Chunked,
 }
 
@@ -61,9 +132,10 @@ pub struct RequestHead<'a> {
     pub target: &'a str,
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub minor: u8,
-    /// Headers in order.
-    pub headers: Vec<(&'a str, &'a str)>,
-    /// `Upgrade: websocket` with `Connection: upgrade`.
+    /// Headers in order; values without surrounding blanks.
+    pub headers: Vec<(&'a str, &'a [u8])>,
+    /// `Upgrade: websocket` with `Connection: upgrade` on a GET without a
+    /// body.
     pub websocket: bool,
     /// The body's framing.
     pub body: Body,
@@ -81,68 +153,93 @@ pub fn head_end(buf: &[u8], from: usize) -> Option<usize> {
         .map(|i| start + i + 4)
 }
 
+/// Refuse any line end but CRLF, and NUL, anywhere in `head`: agents that
+/// split lines on a bare CR or LF would otherwise see other headers (or
+/// another request) than splicegate checked.
+fn check_line_ends(head: &[u8]) -> Result<(), HeadError> {
+    let mut prev = 0u8;
+    for (i, &b) in head.iter().enumerate() {
+        let bad = match b {
+            0 => Some("NUL byte"),
+            b'\n' if prev != b'\r' => Some("bare LF"),
+            _ if prev == b'\r' && b != b'\n' => Some("bare CR"),
+            _ => None,
+        };
+        if let Some(what) = bad {
+            let offset = if what == "bare CR" { i - 1 } else { i };
+            return Err(HeadError::LineEnd { what, offset });
+        }
+        prev = b;
+    }
+    if prev == b'\r' {
+        return Err(HeadError::LineEnd {
+            what: "bare CR",
+            offset: head.len() - 1,
+        });
+    }
+    Ok(())
+}
+
 /// Parse a complete head (`buf` must end at or after its blank line).
 pub fn parse(buf: &[u8]) -> Result<RequestHead<'_>, HeadError> {
     let len = head_end(buf, 0).ok_or_else(|| HeadError::RequestLine(String::new()))?;
-    let text = std::str::from_utf8(&buf[..len]).map_err(|_| HeadError::Encoding)?;
-    let mut lines = text[..len - 4].split("\r\n");
-    let line = lines.next().unwrap_or("");
-    let bad_line = || HeadError::RequestLine(clip(line));
-    let mut parts = line.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(bad_line());
-    };
-    if method.is_empty() || !method.bytes().all(is_tchar) || target.is_empty() {
+    let raw = &buf[..len];
+    let first = raw.split(|&b| b == b'\r').next().unwrap_or_default();
+    let bad_line = || HeadError::RequestLine(clip(&String::from_utf8_lossy(first)));
+    if first.is_empty() {
+        // An empty line before the request line.
         return Err(bad_line());
     }
-    if target.bytes().any(|b| b <= b' ' || b == 0x7f) {
-        return Err(bad_line());
+    check_line_ends(raw)?;
+
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut slots);
+    match req.parse(raw) {
+        Ok(httparse::Status::Complete(n)) if n == len => {}
+        Ok(_) => return Err(bad_line()),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
+        Err(httparse::Error::Version) => {
+            let v = first.rsplit(|&b| b == b' ').next().unwrap_or_default();
+            return Err(HeadError::Version(clip(&String::from_utf8_lossy(v))));
+        }
+        Err(httparse::Error::HeaderName | httparse::Error::HeaderValue) => {
+            return Err(HeadError::Header(bad_header_line(raw)))
+        }
+        Err(_) if std::str::from_utf8(first).is_err() => return Err(HeadError::Encoding),
+        Err(_) => return Err(bad_line()),
     }
-    let minor = match version {
-        "HTTP/1.1" => 1,
-        "HTTP/1.0" => 0,
-        v => return Err(HeadError::Version(clip(v))),
+    let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
+        return Err(bad_line());
     };
     let target = origin_form(target).ok_or_else(|| HeadError::Target(clip(target)))?;
 
-    let mut headers = Vec::new();
+    let mut headers = Vec::with_capacity(req.headers.len());
     let (mut hosts, mut length, mut chunked) = (0, None::<u64>, false);
     let (mut upgrade_ws, mut conn_upgrade) = (false, false);
-    for l in lines {
-        // Bare CR, LF or NUL inside a line would let a client smuggle a
-        // header (or a request) past the rewrite to agents that split on
-        // them; folded lines are obsolete (RFC 9112 §5.2).
-        if l.starts_with([' ', '\t']) || l.contains(['\r', '\n', '\0']) {
-            return Err(HeadError::Header(clip(l)));
-        }
-        let (name, value) = l
-            .split_once(':')
-            .ok_or_else(|| HeadError::Header(clip(l)))?;
-        if name.is_empty() || !name.bytes().all(is_tchar) {
-            return Err(HeadError::Header(clip(l)));
-        }
-        let value = value.trim_matches([' ', '\t']);
+    for h in req.headers.iter() {
+        let (name, value) = (h.name, trim(h.value));
         if name.eq_ignore_ascii_case("host") {
             hosts += 1;
         } else if name.eq_ignore_ascii_case("content-length") {
-            let n: u64 = (!value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()))
-                .then(|| value.parse().ok())
+            let n: u64 = (!value.is_empty() && value.iter().all(u8::is_ascii_digit))
+                .then(|| std::str::from_utf8(value).ok()?.parse().ok())
                 .flatten()
-                .ok_or_else(|| HeadError::Length(clip(value)))?;
+                .ok_or_else(|| HeadError::Length(clip(&String::from_utf8_lossy(value))))?;
             if length.is_some_and(|m| m != n) {
-                return Err(HeadError::Length(clip(value)));
+                return Err(HeadError::Length(clip(&String::from_utf8_lossy(value))));
             }
             length = Some(n);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            if chunked || minor == 0 || !value.eq_ignore_ascii_case(b"chunked") {
+                return Err(HeadError::TransferCoding(clip(&String::from_utf8_lossy(
+                    value,
+                ))));
+            }
             chunked = true;
         } else if name.eq_ignore_ascii_case("upgrade") {
-            upgrade_ws |= value
-                .split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("websocket"));
+            upgrade_ws |= tokens(value).any(|t| t.eq_ignore_ascii_case(b"websocket"));
         } else if name.eq_ignore_ascii_case("connection") {
-            conn_upgrade |= has_token(value, "upgrade");
+            conn_upgrade |= tokens(value).any(|t| t.eq_ignore_ascii_case(b"upgrade"));
         }
         headers.push((name, value));
     }
@@ -162,84 +259,210 @@ pub fn parse(buf: &[u8]) -> Result<RequestHead<'_>, HeadError> {
         target,
         minor,
         headers,
-        websocket: upgrade_ws && conn_upgrade && minor == 1 && method == "GET",
+        websocket: upgrade_ws
+            && conn_upgrade
+            && minor == 1
+            && method == "GET"
+            && body == Body::None,
         body,
         len,
     })
 }
 
-/// Headers a proxy consumes rather than forwards (RFC 9110 §7.6.1), plus
-/// the forwarding headers splicegate sets itself when asked to.
-fn hop_by_hop(name: &str) -> bool {
-    [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "upgrade",
-    ]
-    .iter()
-    .any(|h| name.eq_ignore_ascii_case(h))
+/// The first header line that is not `token ":" value`, for the error
+/// message (only computed on the error path).
+fn bad_header_line(head: &[u8]) -> String {
+    let text = String::from_utf8_lossy(head);
+    let line = text
+        .split("\r\n")
+        .skip(1)
+        .find(|l| match l.split_once(':') {
+            Some((n, _)) => n.is_empty() || !n.bytes().all(is_tchar),
+            None => !l.is_empty(),
+        })
+        .unwrap_or_default();
+    clip(line)
 }
 
-/// Client information added to the forwarded request, as nginx's
-/// `X-Real-IP`, `X-Forwarded-For` (appended) and `X-Forwarded-Proto`.
+/// Comma-separated list elements, without surrounding blanks, empty ones
+/// skipped.
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(trim)
+        .filter(|t| !t.is_empty())
+}
+
+fn trim(v: &[u8]) -> &[u8] {
+    let start = v.iter().position(|&b| b != b' ' && b != b'\t');
+    let end = v.iter().rposition(|&b| b != b' ' && b != b'\t');
+    match (start, end) {
+        (Some(s), Some(e)) => &v[s..=e],
+        _ => &[],
+    }
+}
+
+/// A header name compared and hashed without regard to ASCII case.
+#[derive(Debug, Clone, Copy)]
+struct NoCase<'a>(&'a [u8]);
+
+impl PartialEq for NoCase<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.eq_ignore_ascii_case(other.0)
+    }
+}
+
+impl Eq for NoCase<'_> {}
+
+impl Hash for NoCase<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_usize(self.0.len());
+        for b in self.0 {
+            state.write_u8(b.to_ascii_lowercase());
+        }
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Set lookups and list elements visited by [`rewrite`], so a test can
+    /// check that its work is linear in the head.
+    pub(crate) static REWRITE_STEPS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+#[inline]
+fn step() {
+    #[cfg(test)]
+    REWRITE_STEPS.with(|c| c.set(c.get() + 1));
+}
+
+/// Client information set on the forwarded request: `X-Real-IP`,
+/// `X-Forwarded-For` and `X-Forwarded-Proto`, replacing whatever the
+/// client sent in those and in `Forwarded`, `X-Forwarded-Host` and
+/// `X-Forwarded-Port`.
 #[derive(Debug, Clone, Copy)]
 pub struct Forwarded {
-    /// The real client address.
+    /// The real client address (from the PROXY header, else the peer).
     pub client: IpAddr,
 }
 
-/// The head sent to the agent: the request line with `path`, the client's
-/// headers minus hop-by-hop ones (and any listed in the `Connection`
-/// header), then `Connection: close`, or `Connection: Upgrade` with
-/// `Upgrade: websocket` for a WebSocket handshake.
+/// The head sent to the agent: the request line with `path`; the client's
+/// headers minus hop-by-hop ones and those the client lists in
+/// `Connection` (never `Host`, `Content-Length` or `Transfer-Encoding`),
+/// minus the forwarding headers when splicegate sets its own; then
+/// `Connection: close`, or `Connection: Upgrade` with `Upgrade: websocket`
+/// for a WebSocket handshake. One pass over the headers with a set of the
+/// `Connection` tokens: linear in the head's size.
 pub fn rewrite(head: &RequestHead<'_>, path: &str, fwd: Option<Forwarded>) -> Vec<u8> {
-    let mut out = String::with_capacity(head.len + 128);
-    let _ = write!(out, "{} {} HTTP/1.{}\r\n", head.method, path, head.minor);
-    let listed: Vec<&str> = head
-        .headers
-        .iter()
-        .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
-        .flat_map(|(_, v)| v.split(','))
-        .map(str::trim)
-        .collect();
-    let mut xff: Option<&str> = None;
+    let mut listed: HashSet<NoCase<'_>> = HashSet::new();
     for (name, value) in &head.headers {
-        if hop_by_hop(name) || listed.iter().any(|l| l.eq_ignore_ascii_case(name)) {
-            continue;
-        }
-        if fwd.is_some() {
-            if name.eq_ignore_ascii_case("x-forwarded-for") {
-                xff = Some(value);
-                continue;
-            }
-            if name.eq_ignore_ascii_case("x-real-ip")
-                || name.eq_ignore_ascii_case("x-forwarded-proto")
-            {
-                continue;
+        step();
+        if name.eq_ignore_ascii_case("connection") {
+            for t in tokens(value) {
+                step();
+                listed.insert(NoCase(t));
             }
         }
-        let _ = write!(out, "{name}: {value}\r\n");
+    }
+    let mut out = Vec::with_capacity(head.len + 160);
+    let _ = write!(
+        Out(&mut out),
+        "{} {} HTTP/1.{}\r\n",
+        head.method,
+        path,
+        head.minor
+    );
+    for (name, value) in &head.headers {
+        step();
+        let is = |list: &[&str]| list.iter().any(|h| name.eq_ignore_ascii_case(h));
+        let drop = if is(&PROTECTED) {
+            false
+        } else {
+            is(&HOP_BY_HOP)
+                || (fwd.is_some() && is(&FORWARDING))
+                || listed.contains(&NoCase(name.as_bytes()))
+        };
+        if !drop {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
     }
     if let Some(f) = fwd {
-        let _ = write!(out, "X-Real-IP: {}\r\n", f.client);
-        match xff {
-            Some(prev) => {
-                let _ = write!(out, "X-Forwarded-For: {prev}, {}\r\n", f.client);
-            }
-            None => {
-                let _ = write!(out, "X-Forwarded-For: {}\r\n", f.client);
-            }
-        }
-        out.push_str("X-Forwarded-Proto: https\r\n");
+        let _ = write!(
+            Out(&mut out),
+            "X-Real-IP: {ip}\r\nX-Forwarded-For: {ip}\r\nX-Forwarded-Proto: https\r\n",
+            ip = f.client
+        );
     }
     if head.websocket {
-        out.push_str("Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n");
+        out.extend_from_slice(b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n");
     } else {
-        out.push_str("Connection: close\r\n\r\n");
+        out.extend_from_slice(b"Connection: close\r\n\r\n");
     }
-    out.into_bytes()
+    out
+}
+
+/// `fmt::Write` into a byte vector.
+struct Out<'a>(&'a mut Vec<u8>);
+
+impl std::fmt::Write for Out<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+/// What the agent answered: its status and where its body ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResponseHead {
+    /// The status code.
+    pub status: u16,
+    /// Body bytes after the head, when the head says (`Content-Length`, or
+    /// 0 for 1xx, 204 and 304); None when the body runs until the agent
+    /// closes or is chunked.
+    pub body: Option<u64>,
+    /// Length of the head including the blank line.
+    pub len: usize,
+}
+
+/// Largest response head splicegate reads from an agent.
+pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+/// Parse the agent's response head from the bytes received so far:
+/// `Ok(None)` while incomplete, an error message when it is not HTTP.
+pub fn parse_response(buf: &[u8]) -> Result<Option<ResponseHead>, String> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut slots);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => return Ok(None),
+        Ok(httparse::Status::Partial) => {
+            return Err(format!(
+                "response head larger than {MAX_RESPONSE_HEAD} bytes"
+            ))
+        }
+        Err(e) => return Err(format!("response head does not parse: {e}")),
+    };
+    let status = resp.code.unwrap_or(0);
+    let mut body = None;
+    let mut chunked = false;
+    for h in resp.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            body = std::str::from_utf8(trim(h.value))
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok());
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = true;
+        }
+    }
+    if (100..200).contains(&status) || status == 204 || status == 304 {
+        body = Some(0);
+    } else if chunked {
+        body = None;
+    }
+    Ok(Some(ResponseHead { status, body, len }))
 }
 
 /// The status code of a response's first line (`HTTP/1.1 101 ...`).
@@ -253,7 +476,6 @@ pub fn response_status(first: &[u8]) -> Option<u16> {
 }
 
 /// A complete response from splicegate itself, closing the connection.
-/// The body is a short HTML page a browser shows, naming the reason and
 /// the connection id an operator can find in the access log.
 pub fn error_page(status: u16, reason: &str, id: u64) -> Vec<u8> {
     let title = status_text(status);
@@ -297,6 +519,7 @@ fn status_text(status: u16) -> &'static str {
         403 => "Forbidden",
         404 => "Not Found",
         408 => "Request Timeout",
+        431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
         502 => "Bad Gateway",
         504 => "Gateway Timeout",
@@ -332,12 +555,6 @@ fn origin_form(target: &str) -> Option<&str> {
         Some(_) => None,
         None => Some("/"),
     }
-}
-
-fn has_token(value: &str, token: &str) -> bool {
-    value
-        .split(',')
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 fn is_tchar(b: u8) -> bool {
@@ -376,7 +593,7 @@ mod tests {
         let out = String::from_utf8(out).unwrap();
         assert_eq!(
             out,
-            "GET /ws?t=1 HTTP/1.1\r\nHost: proxy\r\nSec-WebSocket-Key: abc\r\nX-Real-IP: 192.0.2.7\r\nX-Forwarded-For: 1.1.1.1, 192.0.2.7\r\nX-Forwarded-Proto: https\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+            "GET /ws?t=1 HTTP/1.1\r\nHost: proxy\r\nSec-WebSocket-Key: abc\r\nX-Real-IP: 192.0.2.7\r\nX-Forwarded-For: 192.0.2.7\r\nX-Forwarded-Proto: https\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
         );
     }
 
@@ -431,14 +648,117 @@ mod tests {
             (b"GET / HTTP/1.1\r\nHost a\r\n\r\n", "header line"),
             (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", "both"),
             (b"GET /\xff HTTP/1.1\r\nHost: a\r\n\r\n", "text"),
-            (b"GET / HTTP/1.1\r\nHost: a\nX-Real-IP: 1.2.3.4\r\n\r\n", "header line"),
-            (b"GET / HTTP/1.1\r\nHost: a\rb\r\n\r\n", "header line"),
+            (b"GET / HTTP/1.1\r\nHost: a\nX-Real-IP: 1.2.3.4\r\n\r\n", "bare LF at offset 23"),
+            (b"GET / HTTP/1.1\r\nHost: a\rb\r\n\r\n", "bare CR at offset 23"),
+            (b"GET / HTTP/1.1\r\nHost: a\0b\r\n\r\n", "NUL"),
+            (b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n", "request line"),
+            (b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", "header line"),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", "Transfer-Encoding"),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", "Transfer-Encoding"),
+            (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", "Transfer-Encoding"),
             (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1x\r\n\r\n", "Content-Length"),
             (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", "Content-Length"),
         ] {
             let e = parse(raw).unwrap_err().to_string();
             assert!(e.contains(want), "{:?}: {e}", String::from_utf8_lossy(raw));
         }
+    }
+
+    #[test]
+    fn connection_cannot_remove_framing_or_host() {
+        let raw = b"POST /x HTTP/1.1\r\nHost: d\r\nContent-Length: 63\r\nConnection: Content-Length, Host, Transfer-Encoding, X-Drop\r\nX-Drop: 1\r\nX-Keep: 2\r\n\r\n";
+        let h = parse(raw).unwrap();
+        assert_eq!(h.body, Body::Length(63));
+        let out = String::from_utf8(rewrite(&h, "/x", None)).unwrap();
+        assert_eq!(
+            out,
+            "POST /x HTTP/1.1\r\nHost: d\r\nContent-Length: 63\r\nX-Keep: 2\r\nConnection: close\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn client_forwarding_headers_are_replaced() {
+        let raw = b"GET / HTTP/1.1\r\nHost: d\r\nX-Real-IP: 6.6.6.6\r\nx-forwarded-for: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\nX-Forwarded-Host: evil\r\nX-Forwarded-Port: 1\r\nX-Forwarded-Proto: http\r\n\r\n";
+        let h = parse(raw).unwrap();
+        let fwd = Forwarded {
+            client: "192.0.2.7".parse().unwrap(),
+        };
+        let out = String::from_utf8(rewrite(&h, "/", Some(fwd))).unwrap();
+        assert_eq!(
+            out,
+            "GET / HTTP/1.1\r\nHost: d\r\nX-Real-IP: 192.0.2.7\r\nX-Forwarded-For: 192.0.2.7\r\nX-Forwarded-Proto: https\r\nConnection: close\r\n\r\n"
+        );
+        // Without the option the client's headers pass as they are.
+        let out = String::from_utf8(rewrite(&h, "/", None)).unwrap();
+        assert!(
+            out.contains("X-Real-IP: 6.6.6.6\r\n") && out.contains("Forwarded: for=6.6.6.6\r\n")
+        );
+    }
+
+    #[test]
+    fn header_count_is_capped() {
+        let mut raw = b"GET / HTTP/1.1\r\nHost: a\r\n".to_vec();
+        for i in 0..MAX_HEADERS {
+            raw.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
+        }
+        raw.extend_from_slice(b"\r\n");
+        let e = parse(&raw).unwrap_err();
+        assert_eq!((e.kind(), e.status()), ("too_many_headers", 431));
+    }
+
+    /// A head of the largest allowed size, made of Connection tokens and
+    /// as many headers as allowed, is rewritten in steps proportional to
+    /// its headers and tokens (the old rewrite compared every header with
+    /// every token).
+    #[test]
+    fn rewrite_is_linear_in_headers_and_tokens() {
+        let mut raw = b"GET / HTTP/1.1\r\nHost: a\r\n".to_vec();
+        let mut tokens = 0;
+        for i in 0..(MAX_HEADERS - 1) / 2 {
+            raw.extend_from_slice(format!("X-Header-{i}: v\r\nConnection: ").as_bytes());
+            let line_start = raw.len();
+            while raw.len() - line_start < 16_000 {
+                raw.extend_from_slice(format!("t{tokens},").as_bytes());
+                tokens += 1;
+            }
+            raw.extend_from_slice(b"\r\n");
+        }
+        raw.extend_from_slice(b"\r\n");
+        assert!(
+            raw.len() <= 1 << 20 && tokens > 50_000,
+            "{} {tokens}",
+            raw.len()
+        );
+        let h = parse(&raw).unwrap();
+        let headers = h.headers.len();
+        REWRITE_STEPS.with(|c| c.set(0));
+        let out = rewrite(&h, "/", None);
+        let steps = REWRITE_STEPS.with(|c| c.get());
+        assert!(
+            steps <= 2 * headers + tokens,
+            "{steps} steps for {headers} headers and {tokens} tokens"
+        );
+        assert!(out.starts_with(b"GET / HTTP/1.1\r\nHost: a\r\nX-Header-0: v\r\n"));
+    }
+
+    #[test]
+    fn response_heads() {
+        let r = parse_response(b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\n\r\nnot found")
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.status, r.body, r.len), (404, Some(9), 45));
+        let r = parse_response(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.status, r.body), (101, Some(0)));
+        let r = parse_response(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(r.body, None);
+        assert_eq!(parse_response(b"HTTP/1.1 200 OK\r\n").unwrap(), None);
+        assert!(parse_response(b"\x16\x03\x01").is_err());
     }
 
     /// Random heads built from the bytes that matter to the parser never

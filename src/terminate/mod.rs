@@ -36,7 +36,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use crate::config::TerminateConfig;
 use crate::conn::{self, ListenerCtx, Record, Refusal};
 use crate::forward::stream::{self, Seen, StreamOptions};
-use crate::forward::{Counters, End};
+use crate::forward::{Counters, End, PumpError, Side};
 use crate::route::path::PathDecision;
 use crate::route::Target;
 use crate::upstream::pool::PoolError;
@@ -139,6 +139,7 @@ pub(crate) async fn serve(
     id: u64,
     real_client: SocketAddr,
     out_header: Vec<u8>,
+    health_only: bool,
 ) -> Result<End, Refusal> {
     let left = ctx.config.hello_timeout.saturating_sub(started.elapsed());
     let accept = tls.acceptor.accept(Prefixed::new(replay, client));
@@ -166,6 +167,7 @@ pub(crate) async fn serve(
         started,
         id,
         real_client,
+        health_only,
     };
     match job.exchange(&mut client, rec, out_header).await {
         Ok(end) => Ok(end),
@@ -175,11 +177,23 @@ pub(crate) async fn serve(
             why,
         }) => {
             rec.status = Some(status);
-            let page = http::error_page(status, &why, id);
+            let page = http::error_page(status, shown_reason(status, &why), id);
             write_and_close(&mut client, &page, Duration::from_secs(5)).await;
             Err((kind, why))
         }
         Err(Fail { kind, why, .. }) => Err((kind, why)),
+    }
+}
+
+/// What an error page tells the client: the reason for its own request's
+/// refusal (4xx), but only a generic sentence for the agent's failures
+/// (5xx) — agent addresses and OS errors go to the log, under the
+/// connection id the page shows.
+fn shown_reason(status: u16, why: &str) -> &str {
+    match status {
+        504 => "the agent did not answer in time",
+        500.. => "the agent could not be reached or did not answer properly",
+        _ => why,
     }
 }
 
@@ -190,6 +204,9 @@ struct Job<'a> {
     started: Instant,
     id: u64,
     real_client: SocketAddr,
+    /// A LOCAL PROXY header on a listener with `allowed_vpce`: the load
+    /// balancer's own health check, which may ask for the health path only.
+    health_only: bool,
 }
 
 impl Job<'_> {
@@ -203,7 +220,7 @@ impl Job<'_> {
         let set = &self.tls.settings;
         let req = read_request(client, set).await?;
         let head = http::parse(&req.buf[..req.head_len])
-            .map_err(|e| Fail::page(400, "bad_request", format!("http: {e}")))?;
+            .map_err(|e| Fail::page(e.status(), e.kind(), format!("http: {e}")))?;
         rec.path = Some(head.target.split('?').next().unwrap_or("/").to_owned());
 
         let routing = self.ctx.routes.current();
@@ -211,6 +228,13 @@ impl Job<'_> {
             .paths
             .resolve(head.target)
             .map_err(|e| Fail::page(e.status(), e.kind(), format!("route: {e}")))?;
+        if self.health_only && decision != PathDecision::Health {
+            return Err(Fail::page(
+                403,
+                "vpce_not_allowed",
+                "vpce: a connection without an endpoint id (a load balancer health check) may ask for the health path only".into(),
+            ));
+        }
         let (route, target, path) = match decision {
             PathDecision::Health => {
                 let why = routing.unhealthy(self.ctx.metrics.draining());
@@ -239,27 +263,29 @@ impl Job<'_> {
         let connect_time = self.started.elapsed() - request_wait;
 
         // Only the request's own body goes to the agent: bytes after it (a
-        // pipelined or smuggled second request) are dropped. A WebSocket is
-        // a stream after the 101; a chunked body is forwarded until the
-        // client stops, since finding its end would mean parsing the chunks.
-        let mut client_limit = match (head.websocket, head.body) {
-            (true, _) | (_, http::Body::Chunked) => None,
-            (false, http::Body::None) => Some(0),
-            (false, http::Body::Length(n)) => Some(n),
-        };
+        // pipelined or smuggled second request) are dropped. A WebSocket
+        // handshake has no body; bytes the client sends after it wait for
+        // the agent's 101 and are dropped without one. A chunked body is
+        // forwarded until the client stops.
         let fwd = set.forwarded_headers.then_some(http::Forwarded {
             client: self.real_client.ip(),
         });
         let mut first = http::rewrite(&head, &path, fwd);
         let early = &req.buf[req.head_len..];
-        let keep = client_limit.as_mut().map_or(early.len(), |left| {
-            let keep = early
-                .len()
-                .min(usize::try_from(*left).unwrap_or(usize::MAX));
-            *left -= keep as u64;
-            keep
-        });
-        first.extend_from_slice(&early[..keep]);
+        let (client_limit, after_upgrade) = if head.websocket {
+            (Some(0), early.to_vec())
+        } else {
+            let limit = match head.body {
+                http::Body::Chunked => None,
+                http::Body::None => Some(0),
+                http::Body::Length(n) => Some(n),
+            };
+            let keep = limit.map_or(early.len(), |n| {
+                early.len().min(usize::try_from(n).unwrap_or(usize::MAX))
+            });
+            first.extend_from_slice(&early[..keep]);
+            (limit.map(|n| n - keep as u64), Vec::new())
+        };
         let websocket = head.websocket;
         tracing::info!(
             event = "routed",
@@ -280,28 +306,30 @@ impl Job<'_> {
         );
         drop(req);
 
-        let opts = StreamOptions {
-            idle_timeout: if websocket {
-                self.ctx.config.idle_timeout
-            } else {
-                set.request_idle_timeout
-            },
-            end_with_agent: !websocket,
-            client_limit,
-        };
         let counters = conn::register(self.ctx, rec, self.id, connect_time);
         let mut drain = self.ctx.drain.clone();
         let mut seen = Seen::default();
         let end = match &mut agent {
             Agent::Plain(s) => {
-                forward(client, s, &first, opts, &mut drain, &counters, &mut seen).await
+                self.forward(
+                    client,
+                    s,
+                    (&first, &after_upgrade),
+                    websocket,
+                    client_limit,
+                    &mut drain,
+                    &counters,
+                    &mut seen,
+                )
+                .await
             }
             Agent::Tls(s) => {
-                forward(
+                self.forward(
                     client,
                     s.as_mut(),
-                    &first,
-                    opts,
+                    (&first, &after_upgrade),
+                    websocket,
+                    client_limit,
                     &mut drain,
                     &counters,
                     &mut seen,
@@ -310,6 +338,7 @@ impl Job<'_> {
             }
         };
         rec.status = seen.status;
+        let end = end?;
         use std::sync::atomic::Ordering::Relaxed;
         if matches!(end, End::Done) && counters.to_client.load(Relaxed) == 0 {
             return Err(Fail::quiet(
@@ -317,6 +346,115 @@ impl Job<'_> {
                 "upstream: agent closed the connection without a response".into(),
             ));
         }
+        Ok(end)
+    }
+
+    /// Send `first` (the rewritten head and early body bytes), then stream.
+    /// A WebSocket handshake becomes a tunnel only once the agent answers
+    /// `101 Switching Protocols`; any other answer is forwarded and ends
+    /// the exchange, and nothing more from the client reaches the agent.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward<A: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        client: &mut ClientStream,
+        agent: &mut A,
+        (first, after_upgrade): (&[u8], &[u8]),
+        websocket: bool,
+        client_limit: Option<u64>,
+        drain: &mut tokio::sync::watch::Receiver<bool>,
+        counters: &Counters,
+        seen: &mut Seen,
+    ) -> Result<End, Fail> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let set = &self.tls.settings;
+        let cfg = &self.ctx.config;
+        // An agent that accepts and never reads must not hold the task.
+        let limit = cfg.connect_timeout;
+        let sent = async {
+            agent.write_all(first).await?;
+            agent.flush().await
+        };
+        match tokio::time::timeout(limit, sent).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(Fail::page(
+                    502,
+                    "io_error",
+                    format!("upstream: sending the request to the agent failed: {e}"),
+                ))
+            }
+            Err(_) => {
+                return Err(Fail::page(
+                    504,
+                    "agent_timeout",
+                    format!("upstream: the agent did not take the request within {limit:?}"),
+                ))
+            }
+        }
+        counters.to_agent.fetch_add(first.len() as u64, Relaxed);
+        let mut opts = StreamOptions {
+            idle_timeout: set.request_idle_timeout,
+            end_with_agent: true,
+            client_limit,
+            agent_limit: None,
+            probe_status: true,
+        };
+        if websocket {
+            let wait = set.request_idle_timeout.unwrap_or(Duration::from_secs(300));
+            let (resp, bytes) = read_response(agent, wait).await?;
+            seen.status = Some(resp.status);
+            let extra = (bytes.len() - resp.len) as u64;
+            let upgraded = resp.status == 101;
+            let show = match resp.body {
+                Some(n) if !upgraded => resp.len + extra.min(n) as usize,
+                _ => bytes.len(),
+            };
+            let write = async {
+                client.write_all(&bytes[..show]).await?;
+                client.flush().await
+            };
+            match tokio::time::timeout(wait, write).await {
+                Ok(Ok(())) => {}
+                Ok(Err(source)) => {
+                    return Ok(End::Failed(PumpError::Write {
+                        side: Side::Client,
+                        source,
+                    }))
+                }
+                Err(_) => return Ok(End::Idle(wait)),
+            }
+            counters.to_client.fetch_add(show as u64, Relaxed);
+            opts.probe_status = false;
+            if upgraded {
+                if !after_upgrade.is_empty() {
+                    let sent = tokio::time::timeout(limit, agent.write_all(after_upgrade)).await;
+                    if let Ok(Err(source)) | Err(source) = sent.map_err(|_| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "the agent did not read the client's first WebSocket bytes",
+                        )
+                    }) {
+                        return Ok(End::Failed(PumpError::Write {
+                            side: Side::Agent,
+                            source,
+                        }));
+                    }
+                    counters
+                        .to_agent
+                        .fetch_add(after_upgrade.len() as u64, Relaxed);
+                }
+                opts.idle_timeout = cfg.idle_timeout;
+                opts.end_with_agent = false;
+                opts.client_limit = None;
+            } else {
+                // Not upgraded: the agent's answer ends the exchange. It
+                // may keep its connection open; the client's further bytes
+                // are discarded.
+                opts.client_limit = Some(0);
+                opts.agent_limit = resp.body.map(|n| n.saturating_sub(extra));
+            }
+        }
+        let end = stream::run(client, agent, opts, drain, counters, seen).await;
         Ok(end)
     }
 
@@ -438,30 +576,53 @@ async fn read_request(client: &mut ClientStream, set: &TerminateConfig) -> Resul
     }
 }
 
-/// Send `first` (the rewritten head and early body bytes), then stream.
-async fn forward<A: AsyncRead + AsyncWrite + Unpin>(
-    client: &mut ClientStream,
+/// Read the agent's response head (bounded in size and time). Returns it
+/// parsed, with every byte read (the head and any body bytes after it).
+async fn read_response<A: AsyncRead + Unpin>(
     agent: &mut A,
-    first: &[u8],
-    opts: StreamOptions,
-    drain: &mut tokio::sync::watch::Receiver<bool>,
-    counters: &Counters,
-    seen: &mut Seen,
-) -> End {
-    let sent = async {
-        agent.write_all(first).await?;
-        agent.flush().await
+    wait: Duration,
+) -> Result<(http::ResponseHead, Vec<u8>), Fail> {
+    let mut buf = Vec::with_capacity(1024);
+    let work = async {
+        let mut scanned = 0;
+        loop {
+            if let Some(end) = http::head_end(&buf, scanned) {
+                return match http::parse_response(&buf[..end]) {
+                    Ok(Some(head)) => Ok(head),
+                    Ok(None) => Err(format!("response head ends at {end} but is incomplete")),
+                    Err(e) => Err(e),
+                };
+            }
+            if buf.len() >= http::MAX_RESPONSE_HEAD {
+                return Err(format!(
+                    "response head larger than {} bytes",
+                    http::MAX_RESPONSE_HEAD
+                ));
+            }
+            scanned = buf.len();
+            if buf.capacity() == buf.len() {
+                buf.reserve(4096.min(http::MAX_RESPONSE_HEAD - buf.len()));
+            }
+            match agent.read_buf(&mut buf).await {
+                Ok(0) => return Err("agent closed the connection without a response".to_owned()),
+                Ok(_) => {}
+                Err(e) => return Err(format!("read from agent failed: {e}")),
+            }
+        }
     };
-    if let Err(source) = sent.await {
-        return End::Failed(crate::forward::PumpError::Write {
-            side: crate::forward::Side::Agent,
-            source,
-        });
+    match tokio::time::timeout(wait, work).await {
+        Ok(Ok(head)) => Ok((head, buf)),
+        Ok(Err(why)) => Err(Fail::page(
+            502,
+            "bad_response",
+            format!("upstream: WebSocket handshake: {why}"),
+        )),
+        Err(_) => Err(Fail::page(
+            504,
+            "agent_timeout",
+            format!("upstream: WebSocket handshake: no response from the agent within {wait:?}"),
+        )),
     }
-    counters
-        .to_agent
-        .fetch_add(first.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    stream::run(client, agent, opts, drain, counters, seen).await
 }
 
 /// Read until the end of the request head; returns the head's length

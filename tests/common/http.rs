@@ -166,3 +166,120 @@ ws.onmessage = (e) => {
 ws.onerror = () => fetch("report?ws-error");
 </script></body></html>
 "#;
+
+/// A rustls client of the proxy trusting `cacert`, after writing
+/// `preamble` (a PROXY header) on the socket.
+pub async fn tls_client_after(
+    proxy: SocketAddr,
+    preamble: &[u8],
+    cacert: &std::path::Path,
+    sni: Option<&str>,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(cacert).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let name = match sni {
+        Some(n) => ServerName::try_from(n.to_owned()).unwrap(),
+        None => ServerName::IpAddress(proxy.ip().into()),
+    };
+    let mut tcp = TcpStream::connect(proxy).await.unwrap();
+    tcp.write_all(preamble).await.unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake with the proxy")
+}
+
+/// Read until EOF (or an error), as text.
+pub async fn read_to_end_lossy<S: AsyncRead + Unpin>(s: &mut S) -> String {
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A plain-TCP agent that records every byte each connection sends it,
+/// until EOF, and reports them on the channel. It answers the first
+/// request (head and `Content-Length` body) with `response`; with
+/// `half_close` it then shuts down its writing side, else it keeps the
+/// connection open as a keep-alive server would.
+pub async fn recording_http_agent(
+    response: &'static [u8],
+    half_close: bool,
+) -> (SocketAddr, mpsc::UnboundedReceiver<Vec<u8>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let mut answered = false;
+                loop {
+                    if !answered && requests_in(&buf).1 >= 1 {
+                        answered = true;
+                        if s.write_all(response).await.is_err() {
+                            break;
+                        }
+                        if half_close {
+                            let _ = s.shutdown().await;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = tx.send(buf);
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// The request lines of the complete requests in `bytes`, read one after
+/// the other as an HTTP/1.1 server would (head, then a `Content-Length`
+/// body), and how many there are; bytes left over that do not form a
+/// complete request are reported as a last `<N trailing bytes>` entry.
+pub fn requests_in(mut bytes: &[u8]) -> (Vec<String>, usize) {
+    let mut lines = Vec::new();
+    let mut complete = 0;
+    while !bytes.is_empty() {
+        let mut slots = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut slots);
+        let Ok(httparse::Status::Complete(n)) = req.parse(bytes) else {
+            lines.push(format!("<{} trailing bytes>", bytes.len()));
+            break;
+        };
+        let len: usize = req
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+            .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse().ok())
+            .unwrap_or(0);
+        if bytes.len() < n + len {
+            lines.push(format!("<{} trailing bytes>", bytes.len()));
+            break;
+        }
+        lines.push(format!(
+            "{} {}",
+            req.method.unwrap_or("?"),
+            req.path.unwrap_or("?")
+        ));
+        complete += 1;
+        bytes = &bytes[n + len..];
+    }
+    (lines, complete)
+}
