@@ -13,14 +13,7 @@ use splicegate::testkit::{client_config, identity, server_config, Agent};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn have_openssl() -> bool {
-    let ok = Command::new("openssl")
-        .arg("version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("SKIP: openssl not installed (tests/run-all.sh installs it)");
-    }
-    ok
+    common::require_tool("openssl", "version")
 }
 
 /// A child whose stdout lines arrive on a channel.
@@ -188,5 +181,161 @@ async fn openssl_s_server_agents_are_chosen_by_sni() {
         assert_eq!(&back, b"etagecilps\n");
         let ev = proxy.event("routed", |_| true);
         assert_eq!(ev["agent"], agent.to_string());
+    }
+}
+
+/// A DCV agent's self-signed certificate as `openssl req -x509` makes it:
+/// with default extensions it is marked `CA:TRUE`, which chain
+/// verification refuses for an end entity. Listed in `upstream_ca`, it is
+/// pinned and trusted; an agent presenting another certificate is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminate_mode_trusts_a_pinned_self_signed_ca_certificate() {
+    if !have_openssl() {
+        return;
+    }
+    let dir = common::TempDir::new("pinned");
+    let make = |name: &str| {
+        let (cert, key) = (
+            dir.0.join(format!("{name}.pem")),
+            dir.0.join(format!("{name}.key")),
+        );
+        let out = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args(["-nodes", "-days", "2", "-subj", &format!("/CN={name}")])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = Command::new("openssl")
+            .args(["x509", "-noout", "-text", "-in"])
+            .arg(&cert)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&text.stdout).into_owned();
+        assert!(
+            text.contains("CA:TRUE"),
+            "not a CA:TRUE certificate:\n{text}"
+        );
+        (TempFile(cert), TempFile(key))
+    };
+    let (agent_cert, agent_key) = make("dcv-agent");
+    let (other_cert, other_key) = make("other-agent");
+    let www = |cert: &TempFile, key: &TempFile| {
+        let mut srv = Lines::spawn(
+            Command::new("openssl")
+                .args(["s_server", "-www", "-accept", "127.0.0.1:0", "-cert"])
+                .arg(&cert.0)
+                .arg("-key")
+                .arg(&key.0)
+                .stdin(Stdio::null()),
+        );
+        let line = srv.wait_for(|l| l.starts_with("ACCEPT "));
+        let addr: SocketAddr = line.trim_start_matches("ACCEPT ").trim().parse().unwrap();
+        (srv, addr)
+    };
+    let (_good, good) = www(&agent_cert, &agent_key);
+    let (_bad, bad) = www(&other_cert, &other_key);
+    common::make_cert(&dir.0, &["IP:127.0.0.1"]);
+    let config = format!(
+        r#"
+[[listener]]
+bind = "127.0.0.1:0"
+mode = "terminate"
+upstream_tls = "verify"
+upstream_ca = "{ca}"
+[[listener.cert]]
+cert = "{dir}/cert.pem"
+key = "{dir}/key.pem"
+
+[[path_route]]
+prefix = "/"
+agent = "{good}"
+[[path_route]]
+prefix = "/other/"
+agent = "{bad}"
+"#,
+        ca = agent_cert.0.display(),
+        dir = dir.0.display(),
+    );
+    let mut proxy = Proxy::start(Some(&config), &[]);
+    let base = format!("https://127.0.0.1:{}", proxy.addr.port());
+    let res = common::curl_tls(
+        &dir.0.join("cert.pem"),
+        &[format!("{base}/"), format!("{base}/other/")],
+    );
+    assert_eq!(res[0].0, 200, "{}", res[0].1);
+    assert!(res[0].1.contains("s_server"), "{}", res[0].1);
+    assert_eq!(res[1].0, 502, "{}", res[1].1);
+    let ev = proxy.closed("agent_tls");
+    assert!(
+        ev["reason"].as_str().unwrap().contains("certificate"),
+        "{ev}"
+    );
+}
+
+/// Refusals after a complete ClientHello carry a TLS alert, so
+/// `openssl s_client` prints why instead of a bare connection error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_clients_get_a_tls_alert_that_names_the_reason() {
+    if !have_openssl() {
+        return;
+    }
+    let config = r#"
+[[listener]]
+bind = "127.0.0.1:0"
+
+[[route]]
+sni = "dead.test"
+agent = "127.0.0.1:1"
+
+[[agent_in_name]]
+suffix = "agents.test"
+allow = ["10.150.248.0/24"]
+"#;
+    let mut proxy = Proxy::start(Some(config), &[]);
+    for (sni, alert, outcome) in [
+        ("unknown.test", "alert number 112", "no_route"),
+        (
+            "10-1-2-3.agents.test",
+            "alert number 49",
+            "agent_not_allowed",
+        ),
+        ("dead.test", "alert number 80", "agent_refused"),
+    ] {
+        let out = Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &proxy.addr.to_string(),
+                "-servername",
+                sni,
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains(alert),
+            "{sni}: expected {alert:?} in:\n{text}"
+        );
+        proxy.closed(outcome);
     }
 }

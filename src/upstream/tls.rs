@@ -74,7 +74,8 @@ pub fn connector(mode: &UpstreamTls) -> Result<Option<TlsConnector>, String> {
     let mut cfg = match mode {
         UpstreamTls::Off => return Ok(None),
         UpstreamTls::Verify(ca) => builder
-            .with_root_certificates(roots(ca)?)
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Pinned::load(ca, Arc::clone(&provider))?))
             .with_no_client_auth(),
         UpstreamTls::Insecure => return Ok(Some(TlsConnector::from(Arc::new(insecure_config())))),
     };
@@ -97,20 +98,110 @@ pub fn insecure_config() -> ClientConfig {
     cfg
 }
 
-fn roots(ca: &Path) -> Result<RootCertStore, String> {
-    let name = ca.display();
-    let mut store = RootCertStore::empty();
-    let certs = CertificateDer::pem_file_iter(ca).map_err(|e| format!("{name}: {e:?}"))?;
-    for c in certs {
-        let c = c.map_err(|e| format!("{name}: not valid PEM: {e:?}"))?;
-        store
-            .add(c)
-            .map_err(|e| format!("{name}: unusable CA certificate: {e}"))?;
+/// `upstream_tls = "verify"`: an agent's certificate is trusted when it is
+/// byte for byte one of the certificates in `upstream_ca` (pinned: the
+/// self-signed certificate DCV makes per agent, which `openssl req -x509`
+/// also marks `CA:TRUE`, so chain verification would refuse it as a CA
+/// used as an end entity), or when it chains to one of them and covers the
+/// name dialled (full WebPKI verification). A pinned certificate is
+/// trusted as it is, like an SSH host key: its names and dates are not
+/// checked. Handshake signatures are verified either way.
+#[derive(Debug)]
+struct Pinned {
+    pins: Vec<CertificateDer<'static>>,
+    chain: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl Pinned {
+    fn load(ca: &Path, provider: Arc<CryptoProvider>) -> Result<Pinned, String> {
+        let name = ca.display();
+        let mut store = RootCertStore::empty();
+        let mut pins = Vec::new();
+        let certs = CertificateDer::pem_file_iter(ca).map_err(|e| format!("{name}: {e:?}"))?;
+        for c in certs {
+            let c = c.map_err(|e| format!("{name}: not valid PEM: {e:?}"))?;
+            // A certificate that cannot anchor a chain (an unusual
+            // self-signed one) can still be pinned.
+            let _ = store.add(c.clone());
+            pins.push(c);
+        }
+        if pins.is_empty() {
+            return Err(format!("{name}: no CERTIFICATE block found"));
+        }
+        let chain = if store.is_empty() {
+            None
+        } else {
+            Some(
+                rustls::client::WebPkiServerVerifier::builder_with_provider(
+                    Arc::new(store),
+                    Arc::clone(&provider),
+                )
+                .build()
+                .map_err(|e| format!("{name}: {e}"))?,
+            )
+        };
+        Ok(Pinned {
+            pins,
+            chain,
+            provider,
+        })
     }
-    if store.is_empty() {
-        return Err(format!("{name}: no CERTIFICATE block found"));
+}
+
+impl ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if self.pins.iter().any(|p| p.as_ref() == end_entity.as_ref()) {
+            return Ok(ServerCertVerified::assertion());
+        }
+        match &self.chain {
+            Some(v) => v.verify_server_cert(end_entity, intermediates, server_name, ocsp, now),
+            None => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            )),
+        }
     }
-    Ok(store)
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 /// Handshake with the agent at `target` over `tcp`. The certificate must
