@@ -349,6 +349,7 @@ impl Config {
             line: line_of(text, span.start),
             what: describe(text, Some(span), &what),
         };
+        let range = |(span, what): (Range<usize>, String)| at(span, what);
 
         let mut config = Config::default();
         let mut required: Vec<Spanned<String>> = Vec::new();
@@ -397,7 +398,9 @@ impl Config {
                 ));
             }
             let mut lc = ListenerConfig::with_defaults(&name, bind);
-            set(&mut lc.backlog, l.backlog);
+            if let Some(b) = &l.backlog {
+                lc.backlog = within(b, "backlog", 1, 65535).map_err(range)?;
+            }
             set(&mut lc.reuse_port, l.reuse_port);
             set(&mut lc.engine, l.engine);
             if let Some(p) = l.pipe_size {
@@ -441,17 +444,33 @@ impl Config {
             if let Some(d) = l.idle_timeout {
                 lc.idle_timeout = nonzero(d.0);
             }
-            if let Some(k) = l.keepalive_time {
-                lc.keepalive = nonzero(k.0).map(|time| Keepalive {
-                    time,
+            // Linux caps TCP_KEEPIDLE and TCP_KEEPINTVL at 32767 s and
+            // TCP_KEEPCNT at 127; beyond, setsockopt fails at bind time.
+            let keepalive_secs = |d: &Spanned<Dur>, key: &str| {
+                let secs = d.get_ref().0.as_secs();
+                if secs > 32767 {
+                    return Err(at(
+                        d.span(),
+                        format!("key `{key}`: {secs} s is more than the kernel's 32767 s"),
+                    ));
+                }
+                Ok(d.get_ref().0)
+            };
+            if let Some(k) = &l.keepalive_time {
+                let time = keepalive_secs(k, "keepalive_time")?;
+                lc.keepalive = nonzero(time).map(|time| Keepalive {
+                    time: time.max(Duration::from_secs(1)),
                     ..DEFAULT_KEEPALIVE
                 });
             }
             if let Some(ka) = lc.keepalive.as_mut() {
-                if let Some(i) = l.keepalive_interval {
-                    ka.interval = i.0.max(Duration::from_secs(1));
+                if let Some(i) = &l.keepalive_interval {
+                    ka.interval =
+                        keepalive_secs(i, "keepalive_interval")?.max(Duration::from_secs(1));
                 }
-                set(&mut ka.retries, l.keepalive_retries);
+                if let Some(r) = &l.keepalive_retries {
+                    ka.retries = within(r, "keepalive_retries", 1, 127).map_err(range)?;
+                }
             }
             set(
                 &mut lc.proxy_protocol,
@@ -588,9 +607,15 @@ impl Config {
         }
 
         if let Some(l) = file.limits {
+            let limit = |v: &Option<Spanned<usize>>, key: &str| {
+                v.as_ref()
+                    .map(|n| within(n, key, 0, MAX_CONNECTIONS).map_err(range))
+                    .transpose()
+                    .map(|n| n.filter(|&n| n > 0))
+            };
             config.limits = Limits {
-                max_connections: l.max_connections.filter(|&n| n > 0),
-                max_per_client: l.max_per_client.filter(|&n| n > 0),
+                max_connections: limit(&l.max_connections, "max_connections")?,
+                max_per_client: limit(&l.max_per_client, "max_per_client")?,
             };
         }
         for p in file.pool {
@@ -607,7 +632,18 @@ impl Config {
                     format!("pool {name:?} has no agents: add [[pool.agents]] tables"),
                 ));
             }
-            if p.agents.iter().all(|a| a.weight == Some(0)) {
+            for a in &p.agents {
+                if let Some(w) = &a.weight {
+                    within(w, "weight", 0, MAX_WEIGHT).map_err(range)?;
+                }
+                if let Some(m) = &a.max_conns {
+                    within(m, "max_conns", 0, MAX_CONNECTIONS).map_err(range)?;
+                }
+            }
+            if p.agents
+                .iter()
+                .all(|a| a.weight.as_ref().is_some_and(|w| *w.get_ref() == 0))
+            {
                 return Err(at(
                     p.name.span(),
                     format!("pool {name:?}: every agent has weight 0, so none can be chosen"),
@@ -618,9 +654,9 @@ impl Config {
                 .into_iter()
                 .map(|a| AgentConfig {
                     target: a.addr.0,
-                    weight: a.weight.unwrap_or(1),
+                    weight: a.weight.map_or(1, Spanned::into_inner),
                     backup: a.backup.unwrap_or(false),
-                    max_conns: a.max_conns.filter(|&n| n > 0),
+                    max_conns: a.max_conns.map(Spanned::into_inner).filter(|&n| n > 0),
                 })
                 .collect();
             let health = match p.health {
@@ -631,7 +667,10 @@ impl Config {
                         "tls" => CheckKind::Tls,
                         "https" => CheckKind::Https {
                             path: h.path.unwrap_or_else(|| "/".to_owned()),
-                            status: h.status.unwrap_or(200),
+                            status: match &h.status {
+                                Some(st) => within(st, "status", 100, 599).map_err(range)?,
+                                None => 200,
+                            },
                         },
                         other => {
                             return Err(at(
@@ -1014,6 +1053,25 @@ fn upstream_tls(kind: Option<&str>, ca: Option<std::path::PathBuf>) -> Result<Up
     }
 }
 
+/// `v` if inside `lo..=hi`, else a message naming the key and the range.
+fn within<T: PartialOrd + Copy + fmt::Display>(
+    v: &Spanned<T>,
+    key: &str,
+    lo: T,
+    hi: T,
+) -> Result<T, (Range<usize>, String)> {
+    let x = *v.get_ref();
+    if x < lo || x > hi {
+        return Err((v.span(), format!("key `{key}`: {x} is outside {lo}..={hi}")));
+    }
+    Ok(x)
+}
+
+/// Most connections any limit can name: beyond what one process can hold.
+pub const MAX_CONNECTIONS: usize = 1 << 24;
+/// Largest pool agent weight (HAProxy's maximum too).
+pub const MAX_WEIGHT: u32 = 256;
+
 fn set<T>(slot: &mut T, v: Option<T>) {
     if let Some(v) = v {
         *slot = v;
@@ -1072,8 +1130,8 @@ struct FileConfig {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LimitsSection {
-    max_connections: Option<usize>,
-    max_per_client: Option<usize>,
+    max_connections: Option<Spanned<usize>>,
+    max_per_client: Option<Spanned<usize>>,
 }
 
 #[derive(Deserialize)]
@@ -1094,9 +1152,9 @@ struct PoolSection {
 #[serde(deny_unknown_fields)]
 struct PoolAgentSection {
     addr: Parsed<Target>,
-    weight: Option<u32>,
+    weight: Option<Spanned<u32>>,
     backup: Option<bool>,
-    max_conns: Option<usize>,
+    max_conns: Option<Spanned<usize>>,
 }
 
 #[derive(Deserialize)]
@@ -1108,7 +1166,7 @@ struct HealthSection {
     rise: Option<u32>,
     fall: Option<u32>,
     path: Option<String>,
-    status: Option<u16>,
+    status: Option<Spanned<u16>>,
     sni: Option<String>,
 }
 
@@ -1127,7 +1185,7 @@ struct AdminSection {
 struct ListenerSection {
     name: Option<String>,
     bind: Spanned<OneOrMany>,
-    backlog: Option<u32>,
+    backlog: Option<Spanned<u32>>,
     reuse_port: Option<bool>,
     engine: Option<Engine>,
     pipe_size: Option<Spanned<usize>>,
@@ -1135,9 +1193,9 @@ struct ListenerSection {
     hello_max_bytes: Option<Spanned<usize>>,
     connect_timeout: Option<Spanned<Dur>>,
     idle_timeout: Option<Dur>,
-    keepalive_time: Option<Dur>,
-    keepalive_interval: Option<Dur>,
-    keepalive_retries: Option<u32>,
+    keepalive_time: Option<Spanned<Dur>>,
+    keepalive_interval: Option<Spanned<Dur>>,
+    keepalive_retries: Option<Spanned<u32>>,
     proxy_protocol: Option<Spanned<ProxyMode>>,
     #[serde(default)]
     proxy_trusted: Vec<Parsed<Cidr>>,
@@ -1292,7 +1350,12 @@ impl FromStr for Dur {
     }
 }
 
-/// Parse `"10s"`, `"500ms"`, `"5m"`, `"2h"`, `"1d"` or `"0"`.
+/// Longest duration any key accepts: 30 days. Deadlines are computed as
+/// `now + duration`, which must not overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(30 * 86400);
+
+/// Parse `"10s"`, `"500ms"`, `"5m"`, `"2h"`, `"1d"` or `"0"`, at most
+/// [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
@@ -1308,6 +1371,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "" if n == 0 => Duration::ZERO,
         _ => return Err(bad()),
     };
+    check_duration(d).map_err(|e| format!("`{s}`: {e}"))
+}
+
+fn check_duration(d: Duration) -> Result<Duration, String> {
+    if d > MAX_DURATION {
+        return Err("longer than the maximum of 30 days (\"30d\")".to_owned());
+    }
     Ok(d)
 }
 
@@ -1320,7 +1390,9 @@ impl<'de> Deserialize<'de> for Dur {
             Text(String),
         }
         match Raw::deserialize(d)? {
-            Raw::Secs(n) => Ok(Dur(Duration::from_secs(n))),
+            Raw::Secs(n) => check_duration(Duration::from_secs(n))
+                .map(Dur)
+                .map_err(|e| serde::de::Error::custom(format!("{n} seconds is {e}"))),
             Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
         }
     }

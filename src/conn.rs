@@ -59,6 +59,21 @@ pub(crate) struct Record {
     /// Terminate mode: the response status (the agent's, or splicegate's
     /// own for errors, health and redirects).
     pub(crate) status: Option<u16>,
+    /// The agent came from the client's name or path (agent-in-name,
+    /// agent-in-path): metrics label it `dynamic`, so a client cannot make
+    /// one time series per address an `allow` network holds.
+    pub(crate) dynamic: bool,
+}
+
+impl Record {
+    /// The `agent` label for `/metrics`.
+    pub(crate) fn metrics_agent(&self) -> &str {
+        if self.dynamic {
+            "dynamic"
+        } else {
+            self.agent.as_deref().unwrap_or("-")
+        }
+    }
 }
 
 /// Failure before forwarding: (short kind, full reason).
@@ -78,7 +93,8 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<ListenerCtx>, 
         };
         let route = rec.route.as_deref().unwrap_or("-");
         let agent = rec.agent.as_deref().unwrap_or("-");
-        ctx.metrics.closed(id, name, route, agent, outcome);
+        ctx.metrics
+            .closed(id, name, route, rec.metrics_agent(), outcome);
         if let Some(code) = rec.status {
             ctx.metrics.http_status(name, code);
         }
@@ -280,6 +296,7 @@ async fn serve(
     let decision = decision.map_err(|e| refuse(&client, (e.kind(), format!("route: {e}"))))?;
     rec.route = Some(decision.route.to_string());
     rec.agent = Some(decision.target.to_string());
+    rec.dynamic = matches!(decision.route, crate::route::RouteKind::AgentInName(_));
 
     // Direct agent, or the pool's choice with retries before the first
     // byte: the client sees nothing until an agent accepts.
@@ -381,7 +398,7 @@ pub(crate) fn register(
     let key = (
         ctx.config.name.clone(),
         rec.route.clone().unwrap_or_default(),
-        rec.agent.clone().unwrap_or_default(),
+        rec.metrics_agent().to_owned(),
     );
     ctx.metrics
         .forwarding(id, key, connect_time, Arc::clone(&counters));

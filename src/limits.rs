@@ -84,3 +84,109 @@ impl Drop for ClientSlot {
         }
     }
 }
+
+/// What the process's file-descriptor limit allows: how many connections
+/// may be open at once so that each can still dial its agent, and how
+/// many splice pipes may exist besides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FdBudget {
+    /// `RLIMIT_NOFILE` after raising the soft limit to the hard one.
+    pub limit: u64,
+    /// Descriptors kept for everything but connections: those open at
+    /// start (listeners, the runtime, stdio) and a margin for the admin
+    /// listener, health checks and name resolution.
+    pub reserved: u64,
+    /// Connections open at once: 2 descriptors each.
+    pub connections: usize,
+    /// Splice pipes that may exist at once: 2 descriptors each. A
+    /// direction that finds none free keeps copying through userspace.
+    pub pipes: usize,
+}
+
+/// Descriptors kept beyond those open at start.
+const MARGIN: u64 = 16;
+
+impl FdBudget {
+    /// Split `limit` descriptors, `reserved` of them kept aside, between
+    /// connections (2 each) and pipes (2 each). Without a configured cap,
+    /// connections get 2.5 descriptors' worth each — one pipe per four
+    /// connections, HAProxy's default `maxpipes` ratio; with one, the cap
+    /// is honoured as far as the limit allows and pipes get the rest.
+    pub fn split(limit: u64, reserved: u64, configured: Option<usize>) -> FdBudget {
+        let avail = usize::try_from(limit.saturating_sub(reserved)).unwrap_or(usize::MAX);
+        let connections = match configured {
+            Some(m) => m.min(avail / 2),
+            None => avail / 5 * 2,
+        }
+        .max(1);
+        let pipes = avail.saturating_sub(connections.saturating_mul(2)) / 2;
+        FdBudget {
+            limit,
+            reserved,
+            connections,
+            pipes,
+        }
+    }
+
+    /// Raise the soft `RLIMIT_NOFILE` to the hard limit, count the
+    /// descriptors open now, and split the rest. `extra` is kept aside too
+    /// (admin connections, health checks).
+    pub fn measure(configured: Option<usize>, extra: u64) -> FdBudget {
+        use nix::sys::resource::{getrlimit, setrlimit, Resource, RLIM_INFINITY};
+        let limit = match getrlimit(Resource::RLIMIT_NOFILE) {
+            Ok((soft, hard)) => {
+                // The kernel refuses more than fs.nr_open, and "infinity".
+                let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .unwrap_or(1 << 20);
+                let want = if hard == RLIM_INFINITY {
+                    nr_open
+                } else {
+                    hard.min(nr_open)
+                };
+                if want > soft && setrlimit(Resource::RLIMIT_NOFILE, want, hard).is_ok() {
+                    want
+                } else {
+                    soft
+                }
+            }
+            Err(_) => 1024,
+        };
+        // One of the entries is the directory being read.
+        let open = std::fs::read_dir("/proc/self/fd")
+            .map(|d| d.count().saturating_sub(1) as u64)
+            .unwrap_or(64);
+        FdBudget::split(limit, open + MARGIN + extra, configured)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FdBudget;
+
+    #[test]
+    fn connections_and_pipes_fit_the_limit() {
+        for (limit, reserved, configured) in [
+            (64, 31, None),
+            (64, 31, Some(1000)),
+            (1 << 20, 40, None),
+            (1 << 20, 40, Some(100)),
+            (10, 40, None),
+        ] {
+            let b = FdBudget::split(limit, reserved, configured);
+            assert!(b.connections >= 1);
+            if limit > reserved {
+                assert!(
+                    2 * (b.connections + b.pipes) as u64 <= limit - reserved,
+                    "{b:?}"
+                );
+            }
+            if let Some(m) = configured {
+                assert!(b.connections <= m);
+            }
+        }
+        let b = FdBudget::split(1 << 20, 40, None);
+        assert!(b.pipes.abs_diff(b.connections / 4) <= 1, "{b:?}");
+    }
+}

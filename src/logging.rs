@@ -29,3 +29,37 @@ pub fn init(format: LogFormat) {
             .try_init(),
     };
 }
+
+/// `s` with every control character (C0 — CR, LF and ESC among them —,
+/// DEL and C1) written as a `\u{..}` escape, for strings a client chose
+/// (ALPN names, PROXY TLVs, request paths): in the text log format a raw
+/// CR or LF would start a forged line, and ESC would drive the terminal.
+/// Borrowed when there is nothing to escape.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(printable("h2"), "h2");
+        assert_eq!(
+            printable("a\r\nb\x1b[31m\u{9b}é"),
+            "a\\u{d}\\u{a}b\\u{1b}[31m\\u{9b}é"
+        );
+    }
+}

@@ -410,7 +410,7 @@ fn parse_tlvs(header: &[u8], start: usize) -> Result<Tlvs, ProxyError> {
         };
         let text = |what: &str| -> Result<String, ProxyError> {
             std::str::from_utf8(value)
-                .map(str::to_owned)
+                .map(|v| crate::logging::printable(v).into_owned())
                 .map_err(|_| ProxyError::Tlv(format!("{what} TLV is not UTF-8")))
         };
         match ty {
@@ -445,7 +445,7 @@ fn parse_tlvs(header: &[u8], start: usize) -> Result<Tlvs, ProxyError> {
                         let id = std::str::from_utf8(&value[1..]).map_err(|_| {
                             ProxyError::Tlv("AWS VPC endpoint id is not ASCII".into())
                         })?;
-                        out.vpce_id = Some(id.to_owned());
+                        out.vpce_id = Some(crate::logging::printable(id).into_owned());
                     }
                     _ => {}
                 }
@@ -477,7 +477,7 @@ fn parse_ssl(value: &[u8]) -> Result<SslInfo, ProxyError> {
                 "SSL sub-TLV 0x{ty:02x} overruns the SSL TLV"
             )));
         };
-        let s = String::from_utf8_lossy(v).into_owned();
+        let s = crate::logging::printable(&String::from_utf8_lossy(v)).into_owned();
         match ty {
             TLV_SSL_VERSION => info.version = Some(s),
             TLV_SSL_CN => info.cn = Some(s),

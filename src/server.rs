@@ -174,6 +174,42 @@ impl Drop for Guard {
     }
 }
 
+/// Derive the connection cap from the descriptor limit (raised to the
+/// hard limit first) so that no client is accepted that cannot dial its
+/// agent: at the cap, new connections wait in the backlog. Logs the
+/// resulting capacity; a configured `max_connections` above it is capped.
+fn admission(config: &Config) -> crate::config::Limits {
+    let health_checks: usize = config.pools.iter().map(|p| p.agents.len()).sum();
+    let extra = if config.admin.is_some() { 8 } else { 0 } + health_checks as u64;
+    let configured = config.limits.max_connections;
+    let budget = crate::limits::FdBudget::measure(configured, extra);
+    crate::forward::splice::set_pipe_budget(budget.pipes);
+    tracing::info!(
+        event = "capacity",
+        fd_limit = budget.limit,
+        reserved = budget.reserved,
+        connections = budget.connections,
+        pipes = budget.pipes,
+        "file descriptors allow {} connections at once (2 each) and {} splice pipes",
+        budget.connections,
+        budget.pipes
+    );
+    if let Some(m) = configured.filter(|&m| m > budget.connections) {
+        tracing::warn!(
+            event = "max_connections_capped",
+            configured = m,
+            connections = budget.connections,
+            "max_connections {m} exceeds what the file descriptor limit ({}) allows; using {}",
+            budget.limit,
+            budget.connections
+        );
+    }
+    crate::config::Limits {
+        max_connections: Some(budget.connections),
+        ..config.limits
+    }
+}
+
 /// A started proxy.
 pub struct Server {
     addrs: Vec<(String, SocketAddr)>,
@@ -233,7 +269,6 @@ impl Server {
             .map(|(name, t)| (name.clone(), Arc::clone(&t.store)))
             .collect();
         let routes = Arc::new(SharedRoutes::new(Routing::start(&config)));
-        let limits = Arc::new(crate::limits::Limits::new(config.limits));
         let (stop, stop_rx) = watch::channel(false);
         let (drain, drain_rx) = watch::channel(false);
         let tracker = Tracker::default();
@@ -253,6 +288,7 @@ impl Server {
                 bound.push((l.clone(), sock));
             }
         }
+        let limits = Arc::new(crate::limits::Limits::new(admission(&config)));
         if let (Some(l), Some(a)) = (admin_listener, &config.admin) {
             let admin = crate::admin::Admin {
                 metrics: Arc::clone(&metrics),

@@ -387,7 +387,7 @@ fn parse_alpn(data: &[u8]) -> Result<Vec<String>, SniffError> {
     };
     Ok(protos
         .iter()
-        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .map(|p| crate::logging::printable(&String::from_utf8_lossy(p)).into_owned())
         .collect())
 }
 

@@ -250,3 +250,64 @@ fn garbage_does_not_disturb_an_established_session() {
         assert_eq!(&buf, b"still here");
     });
 }
+
+/// Client-chosen strings cannot forge log lines: an ALPN list carrying CR,
+/// LF and ESC is written escaped in the text log format.
+#[test]
+fn alpn_with_line_breaks_cannot_forge_text_log_lines() {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(common::bin())
+        .args(["--log-format", "text", "run", "--listen", "127.0.0.1:0"])
+        .args(["--agent", "only.test=127.0.0.1:1"])
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).split(b'\n') {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next = || {
+        rx.recv_timeout(common::WAIT)
+            .map(|l| String::from_utf8_lossy(&l).into_owned())
+            .expect("a log line")
+    };
+    let listening = loop {
+        let l = next();
+        if l.contains("listening") {
+            break l;
+        }
+    };
+    let addr: SocketAddr = listening
+        .split("addr=")
+        .nth(1)
+        .and_then(|a| a.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let forged = "h2\nFORGED INFO splicegate: connection routed agent=10.9.9.9\r\n\x1b[2J";
+    let _c = raw_client(addr, &client_hello(Some("other.test"), &[forged], 1 << 14));
+    let mut lines = Vec::new();
+    loop {
+        let l = next();
+        let done = l.contains("connection closed");
+        lines.push(l);
+        if done {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let all = lines.join("\n");
+    assert!(!lines.iter().any(|l| l.starts_with("FORGED")), "{all}");
+    assert!(!all.contains('\x1b') && !all.contains('\r'), "{all:?}");
+    assert!(all.contains("h2\\u{a}FORGED"), "{all}");
+}

@@ -83,6 +83,53 @@ fn check_names_file_line_and_key_of_a_bad_config() {
             ":3: key `policy`:",
             "unknown variant `random`",
         ),
+        // Values that would overflow a deadline, a multiplication or the
+        // kernel's limits are refused with their line and key.
+        (
+            "[[listener]]\nbind = \"0.0.0.0:8443\"\nhello_timeout = \"999999999999d\"\n",
+            ":3: key `hello_timeout`:",
+            "maximum of 30 days",
+        ),
+        (
+            "[[listener]]\nbind = \"0.0.0.0:8443\"\nidle_timeout = 18446744073709551615\n",
+            ":3: key `idle_timeout`:",
+            "maximum of 30 days",
+        ),
+        (
+            "[shutdown]\ndrain_timeout = \"31d\"\n",
+            ":2: key `drain_timeout`:",
+            "maximum of 30 days",
+        ),
+        (
+            "[[listener]]\nbind = \"0.0.0.0:8443\"\nkeepalive_time = \"10h\"\n",
+            ":3: key `keepalive_time`:",
+            "32767",
+        ),
+        (
+            "[[listener]]\nbind = \"0.0.0.0:8443\"\nkeepalive_retries = 1000\n",
+            ":3: key `keepalive_retries`:",
+            "outside 1..=127",
+        ),
+        (
+            "[[pool]]\nname = \"p\"\n[[pool.agents]]\naddr = \"10.0.0.1:8443\"\nweight = 4000000000\n",
+            ":5: key `weight`:",
+            "outside 0..=256",
+        ),
+        (
+            "[limits]\nmax_connections = 18446744073709551615\n",
+            ":2: key `max_connections`:",
+            "outside 0..=16777216",
+        ),
+        (
+            "[[route]]\nsni = \"a.example\"\nagent = \"999.1.1.1:8443\"\n",
+            ":3: key `agent`:",
+            "`999.1.1.1` is not a valid IPv4 address",
+        ),
+        (
+            "[[pool]]\nname = \"p\"\n[pool.health]\ncheck = \"https\"\nstatus = 1000\n[[pool.agents]]\naddr = \"10.0.0.1:8443\"\n",
+            ":5: key `status`:",
+            "outside 100..=599",
+        ),
     ];
     for (text, at, what) in cases {
         let f = TempFile::new(".toml", text.as_bytes());

@@ -587,3 +587,37 @@ async fn local_health_probe_on_a_vpce_restricted_listener() {
     assert_eq!(closed("health_probe"), 1.0, "{body}");
     assert_eq!(closed("vpce_not_allowed"), 1.0, "{body}");
 }
+
+/// Agents named by the client (agent-in-name) are one `dynamic` series per
+/// route in `/metrics`, however many addresses `allow` holds; the access
+/// log keeps each address.
+#[test]
+fn metrics_label_client_named_agents_by_route() {
+    if !common::require_tool("curl", "--version") {
+        return;
+    }
+    let text = "[[listener]]\nname = \"dcv\"\nbind = \"127.0.0.1:0\"\n\
+                [[agent_in_name]]\nsuffix = \"agents.test\"\nport = 1\nallow = [\"127.0.0.0/8\"]\n\
+                [admin]\nbind = \"127.0.0.1:0\"\n";
+    let mut proxy = Proxy::start(Some(text), &[]);
+    for n in 2..6 {
+        let sni = format!("127-0-0-{n}.agents.test");
+        let _c = raw_client(proxy.addr, &client_hello(Some(&sni), &[], 1 << 14));
+        let ev = proxy.closed("agent_refused");
+        assert_eq!(ev["agent"], format!("127.0.0.{n}:1"), "{ev}");
+    }
+    let (_, body) = curl(&format!("http://{}/metrics", proxy.admin.unwrap()));
+    let m = parse_metrics(&body);
+    let series: Vec<_> = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("splicegate_connections_closed_total"))
+        .collect();
+    assert_eq!(series.len(), 1, "{body}");
+    assert_eq!(
+        series[0],
+        (
+            &"splicegate_connections_closed_total{listener=\"dcv\",route=\"agent-in-name:agents.test\",agent=\"dynamic\",outcome=\"agent_refused\"}".to_owned(),
+            &4.0
+        )
+    );
+}

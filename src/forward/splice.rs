@@ -18,7 +18,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
@@ -32,15 +32,40 @@ const SMALL: usize = 4096;
 /// Consecutive splices shorter than [`SMALL`] that return to copy mode.
 pub const BACK_TO_COPY: u32 = 8;
 
+/// Pipes that may still be made, process-wide (see [`set_pipe_budget`]).
+static PIPES_FREE: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+/// Set how many splice pipes may exist at once, so pipes never take the
+/// descriptors a new connection needs for its agent. A direction that
+/// finds none free keeps copying. Unlimited until set.
+pub fn set_pipe_budget(pipes: usize) {
+    PIPES_FREE.store(pipes, Ordering::Release);
+}
+
 /// A pipe: (read end, write end).
 struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
 }
 
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        PIPES_FREE.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
 impl Pipe {
     fn new(size: usize) -> io::Result<Pipe> {
-        let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        PIPES_FREE
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .map_err(|_| io::Error::from_raw_os_error(Errno::EMFILE as i32))?;
+        let (read, write) = match nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC) {
+            Ok(p) => p,
+            Err(e) => {
+                PIPES_FREE.fetch_add(1, Ordering::AcqRel);
+                return Err(e.into());
+            }
+        };
         // Larger pipes move more per syscall. A size above the system's
         // fs.pipe-max-size fails with EPERM; the default size still works.
         let _ = fcntl(
@@ -129,7 +154,7 @@ pub async fn pump(
             match dst.try_io(Interest::WRITABLE, || splice_once(&p.read, dst, left)) {
                 Ok(m) => {
                     left -= m;
-                    count.fetch_add(m as u64, std::sync::atomic::Ordering::Relaxed);
+                    count.fetch_add(m as u64, Ordering::Relaxed);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     dst.writable().await.map_err(write_err)?

@@ -64,6 +64,10 @@ impl FromStr for Target {
         if let Ok(ip) = host.parse::<IpAddr>() {
             return Ok(Target::Addr(SocketAddr::new(ip, port)));
         }
+        if host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+            // `999.1.1.1` or `10.1.1` would otherwise be looked up in DNS.
+            return Err(format!("`{s}`: `{host}` is not a valid IPv4 address"));
+        }
         let name = crate::sniff::normalise_sni(host.as_bytes()).ok_or_else(err)?;
         Ok(Target::Host { name, port })
     }
@@ -571,6 +575,10 @@ mod tests {
             }
         );
         assert!("agent".parse::<Target>().is_err());
+        for bad in ["999.1.1.1:8443", "10.1.1:8443", "1.2.3.4.5:1"] {
+            let e = bad.parse::<Target>().unwrap_err();
+            assert!(e.contains("not a valid IPv4 address"), "{bad}: {e}");
+        }
         assert!("agent:0".parse::<Target>().is_err());
     }
 }

@@ -21,6 +21,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use crate::cidr::Cidr;
 use crate::route::Target;
 
+/// The route name of agents named in the path.
+pub const AGENT_IN_PATH: &str = "agent-in-path";
+
 /// A configured path prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrefixRoute {
@@ -265,7 +268,7 @@ impl PathTable {
             target.to_owned()
         };
         Ok(PathDecision::Forward {
-            route: "agent-in-path".to_owned(),
+            route: AGENT_IN_PATH.to_owned(),
             target: Target::Addr(addr),
             path,
         })

@@ -221,7 +221,9 @@ impl Job<'_> {
         let req = read_request(client, set).await?;
         let head = http::parse(&req.buf[..req.head_len])
             .map_err(|e| Fail::page(e.status(), e.kind(), format!("http: {e}")))?;
-        rec.path = Some(head.target.split('?').next().unwrap_or("/").to_owned());
+        rec.path = Some(
+            crate::logging::printable(head.target.split('?').next().unwrap_or("/")).into_owned(),
+        );
 
         let routing = self.ctx.routes.current();
         let decision = routing
@@ -255,6 +257,7 @@ impl Job<'_> {
                 path,
             } => (route, target, path),
         };
+        rec.dynamic = route == crate::route::path::AGENT_IN_PATH;
         rec.route = Some(route);
         rec.agent = Some(target.to_string());
         let request_wait = self.started.elapsed();

@@ -169,6 +169,12 @@ impl Proxy {
         self.seen.iter().any(|v| v["event"] == name)
     }
 
+    /// The first event named `name` seen so far (e.g. logged before
+    /// `listening`).
+    pub fn seen_event(&self, name: &str) -> Option<Value> {
+        self.seen.iter().find(|v| v["event"] == name).cloned()
+    }
+
     /// Whether a `closed` event with this outcome was seen so far.
     pub fn saw_closed(&self, outcome: &str) -> bool {
         self.seen
