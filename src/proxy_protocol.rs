@@ -249,23 +249,33 @@ pub fn parse(buf: &[u8], mode: Mode) -> Result<Parsed, ProxyError> {
     Err(ProxyError::Missing { expected, got })
 }
 
+/// A byte a v1 line may not carry (anything but printable ASCII before the
+/// CRLF), as an error naming it and its offset.
+fn v1_bad_byte(line: &[u8]) -> Option<ProxyError> {
+    let at = line.iter().position(|&b| !(0x20..0x7f).contains(&b))?;
+    Some(ProxyError::V1(format!(
+        "unexpected byte 0x{:02x} at offset {at}",
+        line[at]
+    )))
+}
+
 fn parse_v1(buf: &[u8]) -> Result<Parsed, ProxyError> {
     let window = &buf[..buf.len().min(V1_MAX)];
     let Some(end) = window.windows(2).position(|w| w == b"\r\n") else {
         if buf.len() >= V1_MAX {
             return Err(ProxyError::V1(format!("no CRLF within {V1_MAX} bytes")));
         }
-        if let Some(bad) = window
-            .iter()
-            .position(|&b| b == b'\n' || !(b == b'\r' || (0x20..0x7f).contains(&b)))
-        {
-            return Err(ProxyError::V1(format!(
-                "unexpected byte 0x{:02x} at offset {bad}",
-                window[bad]
-            )));
-        }
-        return Ok(Parsed::Incomplete);
+        // A CR as the last byte may start the CRLF still to come.
+        let seen = window.strip_suffix(b"\r").unwrap_or(window);
+        return match v1_bad_byte(seen) {
+            Some(e) => Err(e),
+            None => Ok(Parsed::Incomplete),
+        };
     };
+    // The same bytes are refused whether the line is complete or not.
+    if let Some(e) = v1_bad_byte(&window[..end]) {
+        return Err(e);
+    }
     let line =
         std::str::from_utf8(&window[..end]).map_err(|_| ProxyError::V1("not ASCII".into()))?;
     let bad = |why: &str| ProxyError::V1(format!("{why} in {line:?}"));
@@ -369,7 +379,13 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, ProxyError> {
         }
         _ => (None, None),
     };
-    let tlvs = parse_tlvs(header, 16 + need)?;
+    // With an unspecified family what follows has no defined layout
+    // (HAProxy and ppp skip it too): no TLVs are read from it.
+    let tlvs = if fam == 0x00 {
+        Tlvs::default()
+    } else {
+        parse_tlvs(header, 16 + need)?
+    };
     Ok(Parsed::Done(
         Header {
             version: 2,
@@ -656,6 +672,10 @@ mod tests {
             b"PROXY TCP4 192.0.2.1 198.51.100.2 1\r\n",
             b"PROXY SCTP 192.0.2.1 198.51.100.2 1 2\r\n",
             b"PROXY TCP4 192.0.2.1\n",
+            // Found by fuzzing: the complete line was accepted while its
+            // prefixes were refused.
+            b"PROXY UNKNOWN a\0b\r\n",
+            b"PROXY UNKNOWN\r\r\n",
         ] {
             let e = parse(bad, Mode::V1).unwrap_err();
             assert_eq!(

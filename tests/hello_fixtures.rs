@@ -7,9 +7,9 @@ use splicegate::sniff::{HelloParser, Progress};
 use splicegate::testkit::{frame_records, unframe_records};
 
 const FIXTURES: [(&str, &[u8]); 3] = [
-    ("curl", include_bytes!("fixtures/curl.bin")),
-    ("openssl", include_bytes!("fixtures/openssl.bin")),
-    ("chromium", include_bytes!("fixtures/chromium.bin")),
+    ("curl", include_bytes!("fixtures/hello/curl.bin")),
+    ("openssl", include_bytes!("fixtures/hello/openssl.bin")),
+    ("chromium", include_bytes!("fixtures/hello/chromium.bin")),
 ];
 
 fn sni_of(buf: &[u8]) -> Option<String> {

@@ -29,8 +29,14 @@ fi
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy
 
 cargo fmt --all -- --check
+(cd fuzz && cargo fmt -- --check)
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace --all-targets
+
+# Every parser of network bytes has a cargo-fuzz target: a short run of
+# each (nightly toolchain; installs cargo-fuzz if missing). Long runs and
+# their figures: docs/fuzzing.md.
+fuzz/run.sh --time 15
 
 # The benchmark harness must keep working: a smoke run with tiny counts
 # against every target installable here (no speed is asserted).
