@@ -51,10 +51,20 @@ impl Setup {
         let got = ev["reason"].as_str().unwrap();
         assert!(got.contains(reason), "reason {got:?} lacks {reason:?}");
         assert_eq!(ev["bytes_to_agent"], 0);
-        // The proxy closed the connection without sending anything.
+        // Refused before a complete ClientHello: closed without a byte.
+        // After one: a fatal TLS alert saying why, then the close.
+        let alert = match outcome {
+            "no_route" | "no_sni" => Some(112),
+            "agent_not_allowed" | "vpce_not_allowed" => Some(49),
+            o if o.starts_with("agent_") || o.starts_with("pool_") => Some(80),
+            _ => None,
+        };
         let mut rest = Vec::new();
         let _ = c.read_to_end(&mut rest);
-        assert!(rest.is_empty());
+        match alert {
+            Some(d) => assert_eq!(rest, [21, 3, 3, 0, 2, 2, d], "{outcome}"),
+            None => assert!(rest.is_empty(), "{outcome}: {rest:?}"),
+        }
         self.still_serves().await;
     }
 

@@ -621,3 +621,72 @@ fn metrics_label_client_named_agents_by_route() {
         )
     );
 }
+
+/// The admin listener serves at most `[admin] max_connections` at once:
+/// beyond it, a request waits in the backlog until a slot frees.
+#[test]
+fn admin_connections_are_capped() {
+    use std::io::{Read, Write};
+    let text = "[[listener]]\nbind = \"127.0.0.1:0\"\n[admin]\nbind = \"127.0.0.1:0\"\nmax_connections = 2\n";
+    let proxy = Proxy::start(Some(text), &[]);
+    let admin = proxy.admin.unwrap();
+    // Two connections that say nothing hold both slots.
+    let idle: Vec<_> = (0..2)
+        .map(|_| std::net::TcpStream::connect(admin).unwrap())
+        .collect();
+    let mut third = std::net::TcpStream::connect(admin).unwrap();
+    third
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let early = third.read(&mut buf);
+    assert!(
+        early.is_err(),
+        "answered past the cap: {:?}",
+        early.map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+    );
+    drop(idle);
+    third.set_read_timeout(Some(WAIT)).unwrap();
+    let mut reply = String::new();
+    third.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+}
+
+/// A test whose tool is missing skips on a developer's machine but fails
+/// under CI=true: run one such test (it needs systemd-analyze) from this
+/// very test binary with an empty PATH, both ways.
+#[test]
+fn a_missing_tool_skips_locally_and_fails_under_ci() {
+    if std::env::var_os("SPLICEGATE_TEST_INNER").is_some() {
+        return;
+    }
+    let me = std::env::current_exe().unwrap();
+    let run = |ci: &str| {
+        Command::new(&me)
+            .args(["--exact", "systemd_unit_verifies", "--nocapture"])
+            .env("PATH", "/nonexistent")
+            .env("CI", ci)
+            .env("SPLICEGATE_TEST_INNER", "1")
+            .output()
+            .unwrap()
+    };
+    let local = run("");
+    let text = String::from_utf8_lossy(&local.stderr).into_owned()
+        + &String::from_utf8_lossy(&local.stdout);
+    assert!(local.status.success(), "{text}");
+    assert!(
+        text.contains("SKIP: systemd-analyze is not installed"),
+        "{text}"
+    );
+    let ci = run("true");
+    let text =
+        String::from_utf8_lossy(&ci.stderr).into_owned() + &String::from_utf8_lossy(&ci.stdout);
+    assert!(!ci.status.success(), "{text}");
+    assert!(
+        text.contains("CI=true and a test requirement is missing"),
+        "{text}"
+    );
+}
