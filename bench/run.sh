@@ -8,7 +8,8 @@
 #   bench/run.sh --smoke    # tiny counts (CI)
 #   bench/run.sh terminate  # terminate mode against nginx https (same options)
 #
-# Extra arguments go to `splicegate-bench suite`. Results: bench/results/<timestamp>/.
+# Extra arguments go to `splicegate-bench suite`. Results: target/bench/<timestamp>/,
+# or --out bench/results/NAME for a run the docs cite (committed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

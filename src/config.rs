@@ -931,16 +931,16 @@ impl Config {
         let _ = writeln!(s, "listeners:");
         for l in &self.listeners {
             let binds: Vec<String> = l.bind.iter().map(|b| b.to_string()).collect();
-            let idle = l.idle_timeout.map_or("none".into(), |d| format!("{d:?}"));
+            let idle = l.idle_timeout.map_or("none".into(), format_duration);
             let _ = writeln!(
                 s,
-                "  {} on {} engine={} hello_timeout={:?} hello_max_bytes={} connect_timeout={:?} idle_timeout={}",
+                "  {} on {} engine={} hello_timeout={} hello_max_bytes={} connect_timeout={} idle_timeout={}",
                 l.name,
                 binds.join(", "),
                 l.engine,
-                l.hello_timeout,
+                format_duration(l.hello_timeout),
                 l.hello_max_bytes,
-                l.connect_timeout,
+                format_duration(l.connect_timeout),
                 idle
             );
             if l.proxy_protocol != ProxyMode::Off {
@@ -965,11 +965,11 @@ impl Config {
             if let Some(t) = &l.terminate {
                 let _ = writeln!(
                     s,
-                    "    mode=terminate upstream_tls={} head_max_bytes={} head_timeout={:?} request_idle_timeout={} forwarded_headers={}",
+                    "    mode=terminate upstream_tls={} head_max_bytes={} head_timeout={} request_idle_timeout={} forwarded_headers={}",
                     t.upstream_tls,
                     t.head_max_bytes,
-                    t.head_timeout,
-                    t.request_idle_timeout.map_or("none".into(), |d| format!("{d:?}")),
+                    format_duration(t.head_timeout),
+                    t.request_idle_timeout.map_or("none".into(), format_duration),
                     t.forwarded_headers
                 );
                 for (i, c) in t.certs.iter().enumerate() {
@@ -994,14 +994,22 @@ impl Config {
         for p in &self.pools {
             let health = p.health.as_ref().map_or("none".to_owned(), |h| {
                 format!(
-                    "{:?} every {:?} rise {} fall {}",
-                    h.kind, h.interval, h.rise, h.fall
+                    "{:?} every {} rise {} fall {}",
+                    h.kind,
+                    format_duration(h.interval),
+                    h.rise,
+                    h.fall
                 )
             });
             let _ = writeln!(
                 s,
-                "  {} policy={} attempts={} max_fails={} fail_timeout={:?} health={}",
-                p.name, p.policy, p.attempts, p.passive.max_fails, p.passive.fail_timeout, health
+                "  {} policy={} attempts={} max_fails={} fail_timeout={} health={}",
+                p.name,
+                p.policy,
+                p.attempts,
+                p.passive.max_fails,
+                format_duration(p.passive.fail_timeout),
+                health
             );
             for a in &p.agents {
                 let max = a
@@ -1033,8 +1041,9 @@ impl Config {
         }
         let _ = writeln!(
             s,
-            "drain: grace {:?}, timeout {:?}",
-            self.drain_grace, self.drain_timeout
+            "drain: grace {}, timeout {}",
+            format_duration(self.drain_grace),
+            format_duration(self.drain_timeout)
         );
         s
     }
@@ -1374,6 +1383,23 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     check_duration(d).map_err(|e| format!("`{s}`: {e}"))
 }
 
+/// A duration as the config file spells it: `0s`, `500ms`, `10s`, `5m`,
+/// `1h`, `1d` (the largest unit that divides it).
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 != 0 {
+        return format!("{ms}ms");
+    }
+    let secs = ms / 1000;
+    match secs {
+        0 => "0s".to_owned(),
+        s if s % 86400 == 0 => format!("{}d", s / 86400),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
 fn check_duration(d: Duration) -> Result<Duration, String> {
     if d > MAX_DURATION {
         return Err("longer than the maximum of 30 days (\"30d\")".to_owned());
@@ -1457,6 +1483,9 @@ mod tests {
 
     #[test]
     fn durations() {
+        for text in ["0s", "500ms", "10s", "90s", "5m", "1h", "2d", "1500ms"] {
+            assert_eq!(format_duration(parse_duration(text).unwrap()), text);
+        }
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
         assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);

@@ -13,6 +13,24 @@ use crate::forward::Engine;
 use crate::server::Server;
 use crate::testkit::{client_config, greet, identity, server_config, Agent};
 
+/// A line on stdout; a closed stdout (`demo | head`) ends the demo with an
+/// error instead of a panic.
+macro_rules! say {
+    () => { say!("") };
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($t)*)?;
+    }};
+}
+
+/// Like [`say!`], without the newline.
+macro_rules! say_raw {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout(), $($t)*)?;
+    }};
+}
+
 /// The embedded configuration; `{ALPHA}` and `{BETA}` become the agents'
 /// ports, `{LISTEN}` the proxy's address.
 pub const EMBEDDED_CONFIG: &str = r#"
@@ -67,17 +85,21 @@ pub async fn run(opts: DemoOptions) -> Result<(), Box<dyn Error>> {
         .map_err(|e| -> Box<dyn Error> { e.into() })?;
     let server = Server::start(config.clone())?;
     let proxy = server.local_addrs()[0].1;
+    // Show the port the listener got, not the `:0` it asked for.
+    config.listeners[0].bind = vec![proxy];
 
-    println!(
+    say!(
         "splicegate demo: proxy on {proxy} (engine {}), agents alpha on {} and beta on {}",
-        opts.engine, alpha.addr, beta.addr
+        opts.engine,
+        alpha.addr,
+        beta.addr
     );
-    println!();
-    print!("{}", config.summary());
-    println!();
-    println!("Each client verifies the agent's certificate against the SNI it sent,");
-    println!("so a completed handshake proves the proxy chose the right agent.");
-    println!();
+    say!();
+    say_raw!("{}", config.summary());
+    say!();
+    say!("Each client verifies the agent's certificate against the SNI it sent,");
+    say!("so a completed handshake proves the proxy chose the right agent.");
+    say!();
 
     let clients = client_config(&[&alpha_id, &beta_id], &["http/1.1"])?;
     let samples = [
@@ -97,9 +119,9 @@ pub async fn run(opts: DemoOptions) -> Result<(), Box<dyn Error>> {
         let ms = t.elapsed().as_secs_f64() * 1e3;
         match result {
             Ok((greeting, _)) => {
-                println!("  {sni:<34} {what:<34} -> {greeting} (TLS verified, {ms:.1} ms)")
+                say!("  {sni:<34} {what:<34} -> {greeting} (TLS verified, {ms:.1} ms)")
             }
-            Err(e) => println!("  {sni:<34} {what:<34} -> refused by the proxy ({e}; {ms:.1} ms)"),
+            Err(e) => say!("  {sni:<34} {what:<34} -> refused by the proxy ({e}; {ms:.1} ms)"),
         }
     }
 
@@ -114,8 +136,8 @@ pub async fn run(opts: DemoOptions) -> Result<(), Box<dyn Error>> {
         tls.read_exact(&mut back).await?;
         hist.record(t.elapsed().as_micros() as u64)?;
     }
-    println!();
-    println!(
+    say!();
+    say!(
         "  500 round trips of 64 bytes through the proxy: p50 {} µs, p99 {} µs, max {} µs",
         hist.value_at_quantile(0.5),
         hist.value_at_quantile(0.99),
@@ -127,17 +149,25 @@ pub async fn run(opts: DemoOptions) -> Result<(), Box<dyn Error>> {
         server.shutdown(std::future::pending()).await;
         return Ok(());
     }
-    println!();
-    println!("Try it yourself (type a line, the agent echoes it):");
-    println!("  openssl s_client -quiet -connect {proxy} -servername alpha.demo.splicegate");
-    println!(
-        "  openssl s_client -quiet -connect {proxy} -servername anything.beta.demo.splicegate"
-    );
-    println!("Serving until Ctrl-C.");
-    tokio::signal::ctrl_c().await?;
+    say!();
+    say!("Try it yourself (type a line, the agent echoes it):");
+    say!("  openssl s_client -quiet -connect {proxy} -servername alpha.demo.splicegate");
+    say!("  openssl s_client -quiet -connect {proxy} -servername anything.beta.demo.splicegate");
+    say!("Serving until Ctrl-C or SIGTERM.");
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    // Drain as `run` does; a second signal closes what is left.
     server
         .shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
         })
         .await;
     Ok(())

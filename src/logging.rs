@@ -1,5 +1,7 @@
 //! Log output: human text or JSON lines, on stderr. The level comes from
-//! `SPLICEGATE_LOG` (tracing-subscriber filter syntax), default `info`.
+//! `SPLICEGATE_LOG` (tracing-subscriber filter syntax), default `info`
+//! (`warn` for the demo, whose results go to stdout). Text is coloured
+//! only when stderr is a terminal and `NO_COLOR` is not set.
 
 use tracing_subscriber::EnvFilter;
 
@@ -12,12 +14,17 @@ pub enum LogFormat {
     Json,
 }
 
-/// Install the global subscriber. Call once.
-pub fn init(format: LogFormat) {
+/// Install the global subscriber, at `default_level` unless
+/// `SPLICEGATE_LOG` says otherwise. Call once.
+pub fn init(format: LogFormat, default_level: &str) {
+    use std::io::IsTerminal;
     let filter =
-        EnvFilter::try_from_env("SPLICEGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+        EnvFilter::try_from_env("SPLICEGATE_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),

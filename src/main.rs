@@ -101,7 +101,12 @@ fn parse_agent(s: &str) -> Result<AgentArg, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format);
+    let level = if matches!(cli.command, Command::Demo { .. }) {
+        "warn"
+    } else {
+        "info"
+    };
+    logging::init(cli.log_format, level);
     let result = match cli.command {
         Command::Check { config } => check(&config),
         Command::Cert { out, san, days } => cert(&out, &san, days),
@@ -135,24 +140,32 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| format!("cannot start the runtime: {e}"))
 }
 
+/// A line on stdout; a closed stdout is an error, not a panic.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($t)*).map_err(|e| format!("stdout: {e}"))?;
+    }};
+}
+
 fn check(path: &std::path::Path) -> Result<(), String> {
     let config = Config::load(path).map_err(|e| e.to_string())?;
-    print!("{}", config.summary());
+    say!("{}", config.summary().trim_end());
     for l in &config.listeners {
         let Some(t) = &l.terminate else { continue };
         let store = splicegate::terminate::certs::CertStore::load(t.certs.clone())
             .map_err(|e| format!("listener {}: {e}", l.name))?;
         for w in splicegate::terminate::certs::uncovered(&store.leaves(), &config.routes) {
-            println!("warning: listener {}: {w}", l.name);
+            say!("warning: listener {}: {w}", l.name);
         }
         if config.paths.is_empty() {
-            println!(
+            say!(
                 "warning: listener {}: no [[path_route]] or [path_agent]: every request but the health path gets 404",
                 l.name
             );
         }
     }
-    println!("{}: OK", path.display());
+    say!("{}: OK", path.display());
     Ok(())
 }
 
@@ -173,8 +186,8 @@ fn cert(out: &std::path::Path, sans: &[String], days: u32) -> Result<(), String>
     key.write_all(g.key_pem.as_bytes())
         .map_err(|e| format!("{}: {e}", key_path.display()))?;
     std::fs::write(&cert_path, &g.cert_pem).map_err(|e| format!("{}: {e}", cert_path.display()))?;
-    println!("wrote {} and {}", cert_path.display(), key_path.display());
-    println!("subject alternative names: {}", sans.join(", "));
+    say!("wrote {} and {}", cert_path.display(), key_path.display());
+    say!("subject alternative names: {}", sans.join(", "));
     Ok(())
 }
 

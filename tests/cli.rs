@@ -205,6 +205,67 @@ fn demo_routes_by_sni_and_exits_with_once() {
         "{stdout}"
     );
     assert!(stdout.contains("500 round trips of 64 bytes"), "{stdout}");
+    // The header shows the port the listener got and durations as the
+    // docs write them; the proxy's log stays out of the way (warnings
+    // only, no colour codes when stderr is not a terminal).
+    let header = line("demo on 127.0.0.1:");
+    assert!(!header.contains("127.0.0.1:0 "), "{stdout}");
+    assert!(
+        header.contains("hello_timeout=10s") && header.contains("idle_timeout=1h"),
+        "{header}"
+    );
+    assert!(stdout.contains("drain: grace 0s, timeout 5m"), "{stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("INFO") && !stderr.contains('\x1b'),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn demo_drains_on_sigterm_like_on_ctrl_c() {
+    use std::io::BufRead;
+    let mut child = Command::new(bin())
+        .arg("demo")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(l);
+        }
+    });
+    let deadline = std::time::Instant::now() + common::WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let l = rx.recv_timeout(left).expect("the demo serves");
+        if l.starts_with("Serving until") {
+            break;
+        }
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline + common::WAIT,
+            "demo ignored SIGTERM"
+        );
+        let _ = rx.recv_timeout(std::time::Duration::from_millis(50));
+    }
 }
 
 async fn agent_and_proxy(drain: &str) -> (Agent, splicegate::testkit::Identity, Proxy) {

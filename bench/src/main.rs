@@ -8,7 +8,7 @@
 //! ```
 //!
 //! Targets are interleaved per repeat (A B C A B C ...). Results go to
-//! `bench/results/<timestamp>/`: `results.md`, `results.json`, `rtt.svg`.
+//! `target/bench/<timestamp>/` (or `--out DIR`): `results.md`, `results.json`, `rtt.svg`.
 
 mod agent;
 mod load;
@@ -61,7 +61,8 @@ struct SuiteArgs {
     /// The splicegate binary.
     #[arg(long, default_value = "target/release/splicegate")]
     splicegate: PathBuf,
-    /// Output folder (default bench/results/<timestamp>).
+    /// Output folder (default target/bench/<timestamp>; runs that docs
+    /// cite go under bench/results/NAME and are committed).
     #[arg(long)]
     out: Option<PathBuf>,
 }
@@ -79,6 +80,8 @@ pub struct Params {
     raw_bulk_bytes: u64,
     idle_conns: u32,
     repeats: u32,
+    /// Tiny counts that only check the harness works (`--smoke`).
+    smoke: bool,
 }
 
 impl Params {
@@ -94,6 +97,7 @@ impl Params {
                 raw_bulk_bytes: 4 << 20,
                 idle_conns: 10,
                 repeats: 1,
+                smoke: true,
             }
         } else if a.quick {
             Params {
@@ -106,6 +110,7 @@ impl Params {
                 raw_bulk_bytes: 2 << 30,
                 idle_conns: 1000,
                 repeats: 1,
+                smoke: false,
             }
         } else {
             Params {
@@ -118,6 +123,7 @@ impl Params {
                 raw_bulk_bytes: 4 << 30,
                 idle_conns: 2000,
                 repeats: 3,
+                smoke: false,
             }
         };
         if let Some(r) = a.repeats {
@@ -427,7 +433,7 @@ async fn suite(args: SuiteArgs, mode: &'static str) -> Result<bool, String> {
     let out = args
         .out
         .clone()
-        .unwrap_or_else(|| PathBuf::from("bench/results").join(report::timestamp()));
+        .unwrap_or_else(|| PathBuf::from("target/bench").join(report::timestamp()));
     std::fs::create_dir_all(&out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let md = report::markdown(&results, &params, &command, clean);
@@ -440,6 +446,9 @@ async fn suite(args: SuiteArgs, mode: &'static str) -> Result<bool, String> {
     .map_err(|e| e.to_string())?;
     std::fs::write(out.join("rtt.svg"), report::svg(&results)).map_err(|e| e.to_string())?;
     println!("{md}");
+    if params.smoke {
+        println!("{}", report::SMOKE_NOTE);
+    }
     println!("written to {}", out.display());
     Ok(clean)
 }

@@ -70,9 +70,15 @@ fn stats(t: &TargetResult, pick: Pick) -> Option<(f64, f64, f64)> {
 }
 
 /// The markdown report.
+/// Said at the top and the bottom of a `--smoke` run's report.
+pub const SMOKE_NOTE: &str = "**Smoke run: tiny counts that only check the harness and every target work. These numbers are not measurements; see docs/performance.md.**";
+
 pub fn markdown(results: &[TargetResult], p: &Params, command: &str, clean: bool) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "# splicegate-bench results\n");
+    if p.smoke {
+        let _ = writeln!(o, "{SMOKE_NOTE}\n");
+    }
     if !clean {
         let _ = writeln!(
             o,
