@@ -70,17 +70,13 @@ async fn answer(mut s: TcpStream, peer: SocketAddr, admin: &Admin) -> std::io::R
         Err(ReadError::Truncated { received: 0 }) => return Ok(()),
         Err(e) => {
             tracing::info!(event = "admin_refused", peer = %peer, outcome = e.kind(), reason = %e, "admin: bad PROXY header");
-            let body = format!("bad PROXY header: {e}\n");
-            return respond(&mut s, false, "400 Bad Request", "text/plain", &body).await;
+            return bad_request(&mut s, &format!("bad PROXY header: {e}\n")).await;
         }
     };
     if header.is_some() && !admin.proxy_trusted.iter().any(|c| c.contains(peer.ip())) {
         tracing::info!(event = "admin_refused", peer = %peer, outcome = "proxy_untrusted", "admin: PROXY header from a peer outside [admin] proxy_trusted refused");
-        return respond(
+        return bad_request(
             &mut s,
-            false,
-            "400 Bad Request",
-            "text/plain",
             "PROXY header from an untrusted peer; see [admin] proxy_trusted\n",
         )
         .await;
@@ -88,14 +84,7 @@ async fn answer(mut s: TcpStream, peer: SocketAddr, admin: &Admin) -> std::io::R
     buf.reserve(1024);
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
         if buf.len() >= MAX_REQUEST {
-            return respond(
-                &mut s,
-                false,
-                "400 Bad Request",
-                "text/plain",
-                "bad request\n",
-            )
-            .await;
+            return bad_request(&mut s, "bad request\n").await;
         }
         if s.read_buf(&mut buf).await? == 0 {
             if buf.is_empty() {
@@ -103,14 +92,7 @@ async fn answer(mut s: TcpStream, peer: SocketAddr, admin: &Admin) -> std::io::R
                 // check) and nothing else.
                 return Ok(());
             }
-            return respond(
-                &mut s,
-                false,
-                "400 Bad Request",
-                "text/plain",
-                "bad request\n",
-            )
-            .await;
+            return bad_request(&mut s, "bad request\n").await;
         }
     }
     let line = buf.split(|&b| b == b'\r').next().unwrap_or_default();
@@ -153,6 +135,10 @@ async fn answer(mut s: TcpStream, peer: SocketAddr, admin: &Admin) -> std::io::R
             .await
         }
     }
+}
+
+async fn bad_request(s: &mut TcpStream, body: &str) -> std::io::Result<()> {
+    respond(s, false, "400 Bad Request", "text/plain", body).await
 }
 
 async fn respond(

@@ -868,45 +868,16 @@ pub async fn read_header<S: tokio::io::AsyncRead + Unpin>(
     started: tokio::time::Instant,
     timeout: std::time::Duration,
 ) -> Result<(Header, Vec<u8>), ReadError> {
-    use tokio::io::AsyncReadExt;
-    let mut buf: Vec<u8> = Vec::with_capacity(512);
-    let work = async {
-        loop {
-            if buf.len() >= V2_MAX {
-                return Err(ProxyError::TooLong {
-                    len: buf.len(),
-                    cap: V2_MAX,
-                }
-                .into());
-            }
-            if buf.capacity() == buf.len() {
-                buf.reserve(512.min(V2_MAX - buf.len()));
-            }
-            let n = stream
-                .read_buf(&mut buf)
-                .await
-                .map_err(|e| ReadError::Io(e.to_string()))?;
-            if n == 0 {
-                return Err(ReadError::Truncated {
-                    received: buf.len(),
-                });
-            }
-            if let Parsed::Done(h, used) = parse(&buf, mode)? {
-                return Ok((h, used));
-            }
-        }
-    };
-    match tokio::time::timeout_at(started + timeout, work).await {
-        Ok(Ok((h, used))) => {
-            buf.drain(..used);
-            Ok((h, buf))
-        }
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(ReadError::Timeout {
-            after: timeout,
-            received: buf.len(),
-        }),
-    }
+    let (h, rest) = read_until(stream, started, timeout, |buf| match parse(buf, mode)? {
+        Parsed::Done(h, used) => Ok(Some((Some(h), used))),
+        Parsed::Incomplete => Ok(None),
+    })
+    .await?;
+    // `decide` above only ever stops with a header.
+    let h = h.ok_or(ReadError::Truncated {
+        received: rest.len(),
+    })?;
+    Ok((h, rest))
 }
 
 /// Read a PROXY header of either version if `stream` starts with one, for
@@ -919,18 +890,32 @@ pub async fn read_optional<S: tokio::io::AsyncRead + Unpin>(
     started: tokio::time::Instant,
     timeout: std::time::Duration,
 ) -> Result<(Option<Header>, Vec<u8>), ReadError> {
+    read_until(stream, started, timeout, |buf| match header_start(buf) {
+        None if !buf.is_empty() => Ok(Some((None, 0))),
+        Some(true) => match parse(buf, Mode::Any)? {
+            Parsed::Done(h, used) => Ok(Some((Some(h), used))),
+            Parsed::Incomplete => Ok(None),
+        },
+        _ => Ok(None),
+    })
+    .await
+}
+
+/// Read from `stream` until `decide` (given every byte read so far) returns
+/// a header (or none) and how many bytes it took, at most [`V2_MAX`] bytes
+/// and before `started + timeout`. Returns that and the bytes after it.
+async fn read_until<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    started: tokio::time::Instant,
+    timeout: std::time::Duration,
+    mut decide: impl FnMut(&[u8]) -> Result<Option<(Option<Header>, usize)>, ProxyError>,
+) -> Result<(Option<Header>, Vec<u8>), ReadError> {
     use tokio::io::AsyncReadExt;
     let mut buf: Vec<u8> = Vec::with_capacity(512);
     let work = async {
         loop {
-            match header_start(&buf) {
-                None if !buf.is_empty() => return Ok(None),
-                Some(true) => {
-                    if let Parsed::Done(h, used) = parse(&buf, Mode::Any)? {
-                        return Ok(Some((h, used)));
-                    }
-                }
-                _ => {}
+            if let Some(found) = decide(&buf)? {
+                return Ok(found);
             }
             if buf.len() >= V2_MAX {
                 return Err(ProxyError::TooLong {
@@ -954,11 +939,10 @@ pub async fn read_optional<S: tokio::io::AsyncRead + Unpin>(
         }
     };
     match tokio::time::timeout_at(started + timeout, work).await {
-        Ok(Ok(Some((h, used)))) => {
+        Ok(Ok((h, used))) => {
             buf.drain(..used);
-            Ok((Some(h), buf))
+            Ok((h, buf))
         }
-        Ok(Ok(None)) => Ok((None, buf)),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(ReadError::Timeout {
             after: timeout,

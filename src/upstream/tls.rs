@@ -68,53 +68,84 @@ pub enum TlsError {
 /// A connector for one listener's agents (None for plain TCP).
 pub fn connector(mode: &UpstreamTls) -> Result<Option<TlsConnector>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| e.to_string())?;
-    let mut cfg = match mode {
+    let trust = match mode {
         UpstreamTls::Off => return Ok(None),
-        UpstreamTls::Verify(ca) => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Pinned::load(ca, Arc::clone(&provider))?))
-            .with_no_client_auth(),
-        UpstreamTls::Insecure => return Ok(Some(TlsConnector::from(Arc::new(insecure_config())))),
+        UpstreamTls::Verify(ca) => Trust::load(ca, &provider)?,
+        UpstreamTls::Insecure => Trust::Any,
     };
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Some(TlsConnector::from(Arc::new(cfg))))
+    Ok(Some(TlsConnector::from(Arc::new(client_config(
+        provider, trust,
+    )))))
 }
 
 /// A client configuration that completes the handshake with any agent
 /// certificate (ALPN `http/1.1`): for `upstream_tls = "insecure"` and for
 /// active health checks.
 pub fn insecure_config() -> ClientConfig {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    client_config(
+        Arc::new(rustls::crypto::ring::default_provider()),
+        Trust::Any,
+    )
+}
+
+fn client_config(provider: Arc<CryptoProvider>, trust: Trust) -> ClientConfig {
     let mut cfg = ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .expect("the ring provider supports TLS 1.2 and 1.3")
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+        .with_custom_certificate_verifier(Arc::new(AgentVerifier { trust, provider }))
         .with_no_client_auth();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     cfg
 }
 
-/// `upstream_tls = "verify"`: an agent's certificate is trusted when it is
-/// byte for byte one of the certificates in `upstream_ca` (pinned: the
-/// self-signed certificate DCV makes per agent, which `openssl req -x509`
-/// also marks `CA:TRUE`, so chain verification would refuse it as a CA
-/// used as an end entity), or when it chains to one of them and covers the
-/// name dialled (full WebPKI verification). A pinned certificate is
-/// trusted as it is, like an SSH host key: its names and dates are not
-/// checked. Handshake signatures are verified either way.
-#[derive(Debug)]
-struct Pinned {
-    pins: Vec<CertificateDer<'static>>,
-    chain: Option<Arc<rustls::client::WebPkiServerVerifier>>,
-    provider: Arc<CryptoProvider>,
+/// Handshake with the agent at `target` over `tcp`. The certificate must
+/// cover `name` if given, else the target's host (IP or DNS name).
+pub async fn handshake(
+    connector: &TlsConnector,
+    tcp: TcpStream,
+    target: &Target,
+    name: Option<&str>,
+    timeout: Duration,
+) -> Result<TlsStream<TcpStream>, TlsError> {
+    let agent = target.to_string();
+    let server_name = match (name, target) {
+        (Some(n), _) => ServerName::try_from(n.to_owned()).ok(),
+        (None, Target::Addr(a)) => Some(ServerName::IpAddress(a.ip().into())),
+        (None, Target::Host { name, .. }) => ServerName::try_from(name.clone()).ok(),
+        (None, Target::Pool(_)) => None,
+    }
+    .ok_or_else(|| TlsError::Name(agent.clone()))?;
+    match tokio::time::timeout(timeout, connector.connect(server_name, tcp)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(source)) => Err(TlsError::Handshake { agent, source }),
+        Err(_) => Err(TlsError::Timeout {
+            agent,
+            after: timeout,
+        }),
+    }
 }
 
-impl Pinned {
-    fn load(ca: &Path, provider: Arc<CryptoProvider>) -> Result<Pinned, String> {
+/// Which agent certificates are trusted.
+#[derive(Debug)]
+enum Trust {
+    /// Any (`upstream_tls = "insecure"`, health checks).
+    Any,
+    /// `upstream_tls = "verify"`: a certificate that is byte for byte one
+    /// of those in `upstream_ca` (pinned: the self-signed certificate DCV
+    /// makes per agent, which `openssl req -x509` also marks `CA:TRUE`, so
+    /// chain verification would refuse it as a CA used as an end entity),
+    /// or one that chains to them and covers the name dialled (full WebPKI
+    /// verification). A pinned certificate is trusted as it is, like an
+    /// SSH host key: its names and dates are not checked.
+    Listed {
+        pins: Vec<CertificateDer<'static>>,
+        chain: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    },
+}
+
+impl Trust {
+    fn load(ca: &Path, provider: &Arc<CryptoProvider>) -> Result<Trust, String> {
         let name = ca.display();
         let mut store = RootCertStore::empty();
         let mut pins = Vec::new();
@@ -135,21 +166,26 @@ impl Pinned {
             Some(
                 rustls::client::WebPkiServerVerifier::builder_with_provider(
                     Arc::new(store),
-                    Arc::clone(&provider),
+                    Arc::clone(provider),
                 )
                 .build()
                 .map_err(|e| format!("{name}: {e}"))?,
             )
         };
-        Ok(Pinned {
-            pins,
-            chain,
-            provider,
-        })
+        Ok(Trust::Listed { pins, chain })
     }
 }
 
-impl ServerCertVerifier for Pinned {
+/// Checks the agent's certificate as its [`Trust`] says, and the handshake
+/// signatures always, so the session is at least bound to the key the
+/// agent presented.
+#[derive(Debug)]
+struct AgentVerifier {
+    trust: Trust,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for AgentVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -158,10 +194,14 @@ impl ServerCertVerifier for Pinned {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if self.pins.iter().any(|p| p.as_ref() == end_entity.as_ref()) {
+        let (pins, chain) = match &self.trust {
+            Trust::Any => return Ok(ServerCertVerified::assertion()),
+            Trust::Listed { pins, chain } => (pins, chain),
+        };
+        if pins.iter().any(|p| p.as_ref() == end_entity.as_ref()) {
             return Ok(ServerCertVerified::assertion());
         }
-        match &self.chain {
+        match chain {
             Some(v) => v.verify_server_cert(end_entity, intermediates, server_name, ocsp, now),
             None => Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::UnknownIssuer,
@@ -201,83 +241,5 @@ impl ServerCertVerifier for Pinned {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
-    }
-}
-
-/// Handshake with the agent at `target` over `tcp`. The certificate must
-/// cover `name` if given, else the target's host (IP or DNS name).
-pub async fn handshake(
-    connector: &TlsConnector,
-    tcp: TcpStream,
-    target: &Target,
-    name: Option<&str>,
-    timeout: Duration,
-) -> Result<TlsStream<TcpStream>, TlsError> {
-    let agent = target.to_string();
-    let server_name = match (name, target) {
-        (Some(n), _) => ServerName::try_from(n.to_owned()).ok(),
-        (None, Target::Addr(a)) => Some(ServerName::IpAddress(a.ip().into())),
-        (None, Target::Host { name, .. }) => ServerName::try_from(name.clone()).ok(),
-        (None, Target::Pool(_)) => None,
-    }
-    .ok_or_else(|| TlsError::Name(agent.clone()))?;
-    match tokio::time::timeout(timeout, connector.connect(server_name, tcp)).await {
-        Ok(Ok(s)) => Ok(s),
-        Ok(Err(source)) => Err(TlsError::Handshake { agent, source }),
-        Err(_) => Err(TlsError::Timeout {
-            agent,
-            after: timeout,
-        }),
-    }
-}
-
-/// Accepts any agent certificate but still checks the handshake
-/// signatures, so the session is at least bound to the key the agent
-/// presented.
-#[derive(Debug)]
-struct NoVerify(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for NoVerify {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
