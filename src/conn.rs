@@ -11,7 +11,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -333,34 +332,22 @@ async fn serve(
     let out_header = outgoing_header(cfg, header.as_ref(), real_client, &client);
     // Bounded: an agent that accepts and never reads must not hold the
     // connection before forwarding (and its idle timeout) begins.
-    let limit = cfg.connect_timeout;
     for bytes in [out_header.as_slice(), replay.as_slice()] {
-        match tokio::time::timeout(limit, agent.write_all(bytes)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                return Err(refuse(
+        forward::send_within(&mut agent, bytes, cfg.connect_timeout, &counters.to_agent)
+            .await
+            .map_err(|e| {
+                let kind = match e {
+                    forward::SendError::TimedOut(_) => "agent_timeout",
+                    forward::SendError::Io(_) => "io_error",
+                };
+                refuse(
                     &client,
                     (
-                        "io_error",
-                        format!("write to agent failed before forwarding: {e}"),
+                        kind,
+                        format!("upstream: sending the ClientHello to the agent: {e}"),
                     ),
-                ))
-            }
-            Err(_) => {
-                return Err(refuse(
-                    &client,
-                    (
-                        "agent_timeout",
-                        format!(
-                            "upstream: the agent did not read the replayed ClientHello within {limit:?}"
-                        ),
-                    ),
-                ))
-            }
-        }
-        counters
-            .to_agent
-            .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                )
+            })?;
     }
     drop(replay);
 

@@ -682,7 +682,7 @@ async fn proxy_v2_client_reaches_the_agent_headers_and_a_pool_retries() {
         false,
     );
     let mut c = tls_client_after(f.proxy.addr, &header, &f.cacert(), None).await;
-    c.write_all(b"GET /pool/x HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 198.51.100.1\r\n\r\n")
+    c.write_all(b"GET /pool/x HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 198.51.100.1\r\nForwarded: for=198.51.100.1\r\nX-Forwarded-Host: evil.example\r\nX-Real-IP: 198.51.100.1\r\n\r\n")
         .await
         .unwrap();
     let text = read_to_end_lossy(&mut c).await;
@@ -691,6 +691,10 @@ async fn proxy_v2_client_reaches_the_agent_headers_and_a_pool_retries() {
     // The client's own X-Forwarded-For is replaced, not appended to.
     assert!(text.contains("X-Forwarded-For: 192.0.2.44\r\n"), "{text}");
     assert!(!text.contains("198.51.100.1"), "{text}");
+    assert!(
+        !text.contains("Forwarded: for") && !text.contains("evil.example"),
+        "{text}"
+    );
     let ev = f.proxy.event("routed", |v| v["path"] == "/pool/x");
     assert_eq!(ev["attempt"], 2, "{ev}");
     assert_eq!(ev["agent"], format!("127.0.0.1:{}", f.c.addr.port()));

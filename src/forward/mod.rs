@@ -209,6 +209,40 @@ pub(crate) async fn idle(timeout: Option<Duration>, a: &AtomicU64, b: &AtomicU64
     }
 }
 
+/// Why [`send_within`] did not deliver.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The peer did not take the bytes in time (it accepted and does not
+    /// read, and the socket buffers are full).
+    #[error("not taken within {0:?}")]
+    TimedOut(Duration),
+    /// The write failed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// Write and flush `bytes` to `dst` within `limit`, adding them to `count`:
+/// what splicegate sends an agent before forwarding begins (the replayed
+/// ClientHello, a rewritten request head), when no idle timeout watches
+/// the connection yet.
+pub async fn send_within<W: tokio::io::AsyncWrite + Unpin>(
+    dst: &mut W,
+    bytes: &[u8],
+    limit: Duration,
+    count: &AtomicU64,
+) -> Result<(), SendError> {
+    use tokio::io::AsyncWriteExt;
+    let work = async {
+        dst.write_all(bytes).await?;
+        dst.flush().await
+    };
+    tokio::time::timeout(limit, work)
+        .await
+        .map_err(|_| SendError::TimedOut(limit))??;
+    count.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    Ok(())
+}
+
 /// Resolves once the watch value is true; never if the sender is gone.
 pub async fn wait_true(rx: &mut watch::Receiver<bool>) {
     if rx.wait_for(|v| *v).await.is_err() {
@@ -220,4 +254,33 @@ pub async fn wait_true(rx: &mut watch::Receiver<bool>) {
 /// the peer already closed reports ENOTCONN, which is fine here.
 fn shutdown_write(dst: &TcpStream) {
     let _ = socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer that accepts and never reads cannot hold a sender past its
+    /// limit, however large the bytes (here a 64-byte pipe).
+    #[tokio::test(start_paused = true)]
+    async fn send_within_gives_up_on_a_peer_that_never_reads() {
+        let (mut near, _far) = tokio::io::duplex(64);
+        let count = AtomicU64::new(0);
+        let limit = Duration::from_secs(5);
+        let r = send_within(&mut near, &[7u8; 4096], limit, &count).await;
+        assert!(
+            matches!(r, Err(SendError::TimedOut(d)) if d == limit),
+            "{r:?}"
+        );
+        assert_eq!(count.load(Ordering::Relaxed), 0);
+        let (mut near, mut far) = tokio::io::duplex(64 * 1024);
+        send_within(&mut near, &[7u8; 4096], limit, &count)
+            .await
+            .unwrap();
+        assert_eq!(count.load(Ordering::Relaxed), 4096);
+        let mut got = vec![0u8; 4096];
+        tokio::io::AsyncReadExt::read_exact(&mut far, &mut got)
+            .await
+            .unwrap();
+    }
 }

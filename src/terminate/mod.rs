@@ -36,7 +36,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use crate::config::TerminateConfig;
 use crate::conn::{self, ListenerCtx, Record, Refusal};
 use crate::forward::stream::{self, Seen, StreamOptions};
-use crate::forward::{Counters, End, PumpError, Side};
+use crate::forward::{Counters, End, PumpError, SendError, Side};
 use crate::route::path::PathDecision;
 use crate::route::Target;
 use crate::upstream::pool::PoolError;
@@ -373,28 +373,20 @@ impl Job<'_> {
         let cfg = &self.ctx.config;
         // An agent that accepts and never reads must not hold the task.
         let limit = cfg.connect_timeout;
-        let sent = async {
-            agent.write_all(first).await?;
-            agent.flush().await
-        };
-        match tokio::time::timeout(limit, sent).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                return Err(Fail::page(
+        crate::forward::send_within(agent, first, limit, &counters.to_agent)
+            .await
+            .map_err(|e| match e {
+                SendError::TimedOut(_) => Fail::page(
+                    504,
+                    "agent_timeout",
+                    format!("upstream: the agent did not take the request: {e}"),
+                ),
+                SendError::Io(_) => Fail::page(
                     502,
                     "io_error",
                     format!("upstream: sending the request to the agent failed: {e}"),
-                ))
-            }
-            Err(_) => {
-                return Err(Fail::page(
-                    504,
-                    "agent_timeout",
-                    format!("upstream: the agent did not take the request within {limit:?}"),
-                ))
-            }
-        }
-        counters.to_agent.fetch_add(first.len() as u64, Relaxed);
+                ),
+            })?;
         let mut opts = StreamOptions {
             idle_timeout: set.request_idle_timeout,
             end_with_agent: true,
@@ -429,22 +421,17 @@ impl Job<'_> {
             counters.to_client.fetch_add(show as u64, Relaxed);
             opts.probe_status = false;
             if upgraded {
-                if !after_upgrade.is_empty() {
-                    let sent = tokio::time::timeout(limit, agent.write_all(after_upgrade)).await;
-                    if let Ok(Err(source)) | Err(source) = sent.map_err(|_| {
-                        std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "the agent did not read the client's first WebSocket bytes",
-                        )
-                    }) {
-                        return Ok(End::Failed(PumpError::Write {
-                            side: Side::Agent,
-                            source,
-                        }));
-                    }
-                    counters
-                        .to_agent
-                        .fetch_add(after_upgrade.len() as u64, Relaxed);
+                let sent =
+                    crate::forward::send_within(agent, after_upgrade, limit, &counters.to_agent);
+                if let Err(e) = sent.await {
+                    let source = match e {
+                        SendError::Io(e) => e,
+                        timeout => std::io::Error::new(std::io::ErrorKind::TimedOut, timeout),
+                    };
+                    return Ok(End::Failed(PumpError::Write {
+                        side: Side::Agent,
+                        source,
+                    }));
                 }
                 opts.idle_timeout = cfg.idle_timeout;
                 opts.end_with_agent = false;
