@@ -22,7 +22,8 @@ use tokio::time::Instant;
 use crate::cidr::Cidr;
 use crate::metrics::Metrics;
 use crate::proxy_protocol::{self as pp, ReadError};
-use crate::server::SharedRoutes;
+use crate::routing::SharedRoutes;
+use crate::shutdown::Drain;
 
 const MAX_REQUEST: usize = 8192;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -33,6 +34,8 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     /// The live routing (pool health for `/health`).
     pub routes: Arc<SharedRoutes>,
+    /// Draining turns `/health` to 503.
+    pub drain: Drain,
     /// Peers whose PROXY headers are accepted.
     pub proxy_trusted: Vec<Cidr>,
     /// Connections served at once; more wait in the backlog.
@@ -112,7 +115,7 @@ async fn answer(mut s: TcpStream, peer: SocketAddr, admin: &Admin) -> std::io::R
     }
     let routes = &admin.routes;
     match path.split('?').next().unwrap_or("") {
-        "/health" => match routes.current().unhealthy(admin.metrics.draining()) {
+        "/health" => match routes.current().unhealthy(admin.drain.draining()) {
             Some(why) => {
                 let body = format!("{why}\n");
                 respond(&mut s, head, "503 Service Unavailable", "text/plain", &body).await
@@ -120,7 +123,7 @@ async fn answer(mut s: TcpStream, peer: SocketAddr, admin: &Admin) -> std::io::R
             None => respond(&mut s, head, "200 OK", "text/plain", "ok\n").await,
         },
         "/metrics" => {
-            let mut text = admin.metrics.render();
+            let mut text = admin.metrics.render(admin.drain.draining());
             crate::upstream::pool::render_metrics(&routes.current().pools, &mut text);
             respond(&mut s, head, "200 OK", "text/plain; version=0.0.4", &text).await
         }

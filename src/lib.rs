@@ -4,23 +4,33 @@
 //! A connection's way through the crate follows the data:
 //! [`listener`] (accept) → [`proxy_protocol`] (PROXY header from the NLB) →
 //! [`sniff`] (ClientHello, SNI) → [`route`] (pure name → agent) →
-//! [`upstream`] (connect) → [`forward`] (splice or copy), with [`conn`]
-//! tying the steps together and writing the access log, and [`metrics`]
-//! counting. [`config`] parses and validates the file and command line
-//! beside that path; [`server`] starts listeners and drains on shutdown;
-//! [`admin`] serves health and metrics; [`notify`] talks to systemd.
+//! [`upstream`] (one dial path: an agent, or a pool's choice) →
+//! [`forward`] (engines that move bytes) → the access log and [`metrics`].
+//! [`conn`] takes a passthrough connection through those steps; on
+//! terminate listeners it hands over to [`terminate`] after the ClientHello:
+//! TLS at the proxy, the agent from the HTTP request path
+//! ([`route::path`]), TLS to the agent ([`upstream::tls`]) and terminate's
+//! own userspace pump.
 //!
-//! On terminate listeners [`terminate`] takes over after the ClientHello:
-//! TLS at the proxy, the agent chosen from the HTTP request path
-//! ([`route::path`]), TLS to the agent ([`upstream::tls`]) and userspace
-//! streaming ([`forward::stream`]).
+//! Imports go down that path. What several steps share sits in small
+//! modules of its own: [`context`] (what one connection carries: its
+//! listener's settings, the access-log record, how it ended), [`routing`]
+//! (the live routing table, swapped on reload) and [`shutdown`] (drain state
+//! and connection tracking). [`outcome`] spells every outcome label once.
+//!
+//! Beside the path: [`config`] parses and validates the file and command
+//! line into the settings types of the modules above; [`server`] binds,
+//! spawns and drains; [`admin`] serves health and metrics; [`notify`] talks
+//! to systemd; [`demo`] runs the proxy against loopback agents.
 
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod admin;
 pub mod cidr;
 pub mod config;
 pub mod conn;
+pub mod context;
 pub mod demo;
 pub mod forward;
 pub mod limits;
@@ -29,10 +39,14 @@ pub mod logging;
 pub mod metrics;
 pub mod net;
 pub mod notify;
+pub mod outcome;
 pub mod proxy_protocol;
 pub mod route;
+pub mod routing;
 pub mod server;
+pub mod shutdown;
 pub mod sniff;
 pub mod terminate;
+#[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub mod upstream;

@@ -8,7 +8,15 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::config;
+/// The caps, as configured.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Caps {
+    /// Connections open at once across all listeners (None: unlimited).
+    /// Beyond it new connections wait in the kernel's backlog.
+    pub max_connections: Option<usize>,
+    /// Connections open at once per real client IP (None: unlimited).
+    pub max_per_client: Option<usize>,
+}
 
 /// Shared limit state.
 #[derive(Debug, Default)]
@@ -26,8 +34,8 @@ pub struct ClientSlot {
 }
 
 impl Limits {
-    /// Limits from configuration.
-    pub fn new(cfg: config::Limits) -> Self {
+    /// Limits with these caps.
+    pub fn new(cfg: Caps) -> Self {
         Limits {
             conns: cfg.max_connections.map(|n| Arc::new(Semaphore::new(n))),
             per_client: cfg.max_per_client,

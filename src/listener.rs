@@ -10,8 +10,10 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::conn::{self, ListenerCtx};
-use crate::server::Tracker;
+use crate::conn;
+use crate::context::ListenerCtx;
+use crate::shutdown::{wait_true, Tracker};
+use crate::terminate::Tls;
 
 /// Bind a listening socket: SO_REUSEADDR always, SO_REUSEPORT on request,
 /// IPV6_V6ONLY for IPv6 so `[::]:P` and `0.0.0.0:P` can coexist.
@@ -37,6 +39,7 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 pub async fn serve(
     listener: TcpListener,
     ctx: Arc<ListenerCtx>,
+    tls: Option<Arc<Tls>>,
     mut stop: watch::Receiver<bool>,
     tracker: Tracker,
 ) {
@@ -47,12 +50,12 @@ pub async fn serve(
         // connections wait in the kernel's backlog.
         let permit = tokio::select! {
             biased;
-            _ = crate::forward::wait_true(&mut stop) => break,
+            _ = wait_true(&mut stop) => break,
             p = ctx.limits.admit(&mut full) => p,
         };
         let accepted = tokio::select! {
             biased;
-            _ = crate::forward::wait_true(&mut stop) => break,
+            _ = wait_true(&mut stop) => break,
             r = listener.accept() => r,
         };
         match accepted {
@@ -63,9 +66,9 @@ pub async fn serve(
                 }
                 let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
                 let guard = tracker.enter();
-                let ctx = Arc::clone(&ctx);
+                let (ctx, tls) = (Arc::clone(&ctx), tls.clone());
                 tokio::spawn(async move {
-                    conn::handle(stream, peer, ctx, id).await;
+                    conn::handle(stream, peer, ctx, tls, id).await;
                     drop(guard);
                     drop(permit);
                 });
@@ -97,7 +100,7 @@ fn is_exhaustion(e: &io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::DEFAULT_KEEPALIVE;
+    use crate::net::DEFAULT_KEEPALIVE;
     use socket2::SockRef;
 
     /// The client leg relies on this: options set on the listening socket

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use splicegate::config::{AgentArg, CliTls, Config};
 use splicegate::forward::Engine;
 use splicegate::logging::{self, LogFormat};
@@ -52,12 +52,30 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
         /// Forwarding engine.
-        #[arg(long, value_enum, default_value_t = Engine::Splice)]
-        engine: Engine,
+        #[arg(long, value_enum, default_value_t = EngineArg::Splice)]
+        engine: EngineArg,
         /// Exit after the sample connections.
         #[arg(long)]
         once: bool,
     },
+}
+
+/// `--engine`: how bytes are moved.
+#[derive(Clone, Copy, ValueEnum)]
+enum EngineArg {
+    /// Copy small reads, splice(2) bulk through a pipe.
+    Splice,
+    /// Userspace copy through a buffer per direction.
+    Copy,
+}
+
+impl From<EngineArg> for Engine {
+    fn from(e: EngineArg) -> Engine {
+        match e {
+            EngineArg::Splice => Engine::Splice,
+            EngineArg::Copy => Engine::Copy,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -76,7 +94,7 @@ struct RunArgs {
     agent: Vec<AgentArg>,
     /// Forwarding engine for every listener.
     #[arg(long, value_enum)]
-    engine: Option<Engine>,
+    engine: Option<EngineArg>,
     /// Terminate TLS with this PEM certificate chain (every listener
     /// becomes a terminate listener). Repeatable, paired with --tls-key;
     /// the first is the default certificate.
@@ -118,7 +136,7 @@ fn main() -> ExitCode {
         } => runtime().and_then(|rt| {
             rt.block_on(splicegate::demo::run(splicegate::demo::DemoOptions {
                 listen,
-                engine,
+                engine: engine.into(),
                 once,
             }))
             .map_err(|e| e.to_string())
@@ -202,7 +220,12 @@ fn load(args: &RunArgs) -> Result<Config, String> {
         upstream: args.upstream_tls.clone(),
         upstream_ca: args.upstream_ca.clone(),
     };
-    config.apply_cli(&args.listen, &args.agent, args.engine, &tls)?;
+    config.apply_cli(
+        &args.listen,
+        &args.agent,
+        args.engine.map(Engine::from),
+        &tls,
+    )?;
     Ok(config)
 }
 

@@ -9,13 +9,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
 
 use crate::forward::Counters;
+use crate::outcome::Kind;
 
 /// (listener, route, agent).
 type RouteKey = (String, String, String);
@@ -65,7 +66,6 @@ struct Inner {
 /// The registry shared by listeners, connections and the admin listener.
 #[derive(Default)]
 pub struct Metrics {
-    draining: AtomicBool,
     inner: Mutex<Inner>,
 }
 
@@ -73,16 +73,6 @@ impl Metrics {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave counters invalid.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Mark the process as draining (health turns 503).
-    pub fn set_draining(&self) {
-        self.draining.store(true, Ordering::Release);
-    }
-
-    /// Whether the process is draining.
-    pub fn draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
     }
 
     /// A connection was accepted.
@@ -131,7 +121,7 @@ impl Metrics {
     }
 
     /// A connection ended.
-    pub fn closed(&self, id: u64, listener: &str, route: &str, agent: &str, outcome: &'static str) {
+    pub fn closed(&self, id: u64, listener: &str, route: &str, agent: &str, outcome: Kind) {
         let mut g = self.lock();
         if let Some((key, c)) = g.live.remove(&id) {
             let b = g.bytes.entry(key).or_default();
@@ -143,7 +133,7 @@ impl Metrics {
                 listener.to_owned(),
                 route.to_owned(),
                 agent.to_owned(),
-                outcome,
+                outcome.as_str(),
             ))
             .or_default() += 1;
         if let Some(a) = g.active.get_mut(listener) {
@@ -151,8 +141,8 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
+    /// The Prometheus text exposition; `draining` is the drain state.
+    pub fn render(&self, draining: bool) -> String {
         let g = self.lock();
         let mut out = String::new();
         let o = &mut out;
@@ -168,7 +158,7 @@ impl Metrics {
             "gauge",
             "1 while the process drains for shutdown.",
         );
-        let _ = writeln!(o, "splicegate_draining {}", u8::from(self.draining()));
+        let _ = writeln!(o, "splicegate_draining {}", u8::from(draining));
 
         header(
             o,
@@ -340,7 +330,7 @@ mod tests {
         );
         m.forwarding(7, key, Duration::from_millis(2), Arc::clone(&c));
         c.to_client.fetch_add(1000, Ordering::Relaxed);
-        let text = m.render();
+        let text = m.render(false);
         assert!(
             text.contains("splicegate_connections_active{listener=\"dcv\"} 1"),
             "{text}"
@@ -348,8 +338,8 @@ mod tests {
         assert!(text.contains("splicegate_bytes_to_client_total{listener=\"dcv\",route=\"exact:a\",agent=\"10.0.0.1:8443\"} 1000"));
         assert!(text.contains("splicegate_agent_connect_seconds_bucket{le=\"0.001\"} 0"));
         assert!(text.contains("splicegate_agent_connect_seconds_bucket{le=\"0.0025\"} 1"));
-        m.closed(7, "dcv", "exact:a", "10.0.0.1:8443", "done");
-        let text = m.render();
+        m.closed(7, "dcv", "exact:a", "10.0.0.1:8443", Kind::Done);
+        let text = m.render(false);
         assert!(text.contains("splicegate_connections_active{listener=\"dcv\"} 0"));
         assert!(text.contains("outcome=\"done\"} 1"));
         assert!(text.contains("agent=\"10.0.0.1:8443\"} 1000"));

@@ -1,11 +1,29 @@
 //! Socket options shared by both legs of a connection.
 
 use std::io;
+use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::TcpStream;
 
-use crate::config::Keepalive;
+/// TCP keepalive parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Idle time before the first probe.
+    pub time: Duration,
+    /// Time between probes.
+    pub interval: Duration,
+    /// Unanswered probes before the connection is dropped.
+    pub retries: u32,
+}
+
+/// Default keepalive: first probe after 60 s idle, well under the AWS NLB's
+/// 350 s idle timeout, so idle flows stay in the NLB's table.
+pub const DEFAULT_KEEPALIVE: Keepalive = Keepalive {
+    time: Duration::from_secs(60),
+    interval: Duration::from_secs(20),
+    retries: 3,
+};
 
 /// TCP_NODELAY (no delayed-ACK stalls on small DCV input events) and TCP
 /// keepalive (keeps idle flows alive in the NLB's connection table).

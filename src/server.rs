@@ -1,26 +1,27 @@
 //! The running proxy: binds every listener, spawns accept loops, and drains
-//! on shutdown.
+//! on shutdown. The state the steps share lives in [`crate::routing`],
+//! [`crate::shutdown`] and [`crate::context`]; this module only starts,
+//! reloads and stops.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
-use crate::conn::ListenerCtx;
+use crate::context::ListenerCtx;
+use crate::limits::{Caps, FdBudget, Limits};
 use crate::listener;
 use crate::metrics::Metrics;
 use crate::notify;
-use crate::route::path::PathTable;
-use crate::route::RouteTable;
+use crate::routing::{Routing, SharedRoutes};
+use crate::shutdown::{Drain, Tracker};
 use crate::terminate::certs::CertStore;
-use crate::upstream::health;
-use crate::upstream::pool::Pool;
-use std::collections::HashMap;
+use crate::terminate::Tls;
 
 /// The proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -48,141 +49,26 @@ pub enum StartError {
     },
 }
 
-/// The routing table with the pools it refers to and their health-check
-/// tasks. Replaced as one on reload; dropping it stops its checks.
-pub struct Routing {
-    /// Name → target rules.
-    pub table: RouteTable,
-    /// Path rules for terminate listeners.
-    pub paths: PathTable,
-    /// Pools by name.
-    pub pools: HashMap<String, Arc<Pool>>,
-    /// Pools that must have a healthy agent for health to answer 200.
-    pub required: Vec<String>,
-    checks: Vec<JoinHandle<()>>,
-}
-
-impl Routing {
-    /// Build the pools of `config` and start their health checks (inside
-    /// a runtime).
-    pub fn start(config: &Config) -> Routing {
-        let pools: HashMap<String, Arc<Pool>> = config
-            .pools
-            .iter()
-            .map(|p| (p.name.clone(), Arc::new(Pool::new(p.clone()))))
-            .collect();
-        let checks = pools.values().flat_map(health::spawn).collect();
-        Routing {
-            table: config.routes.clone(),
-            paths: config.paths.clone(),
-            pools,
-            required: config.required_pools.clone(),
-            checks,
-        }
-    }
-
-    /// Why the proxy should be reported unhealthy, if it should: draining,
-    /// or a required pool with no agent up (active and passive health).
-    pub fn unhealthy(&self, draining: bool) -> Option<String> {
-        if draining {
-            return Some("draining".to_owned());
-        }
-        let now = tokio::time::Instant::now();
-        self.required.iter().find_map(|name| {
-            let pool = self.pools.get(name)?;
-            (!pool.agents().iter().any(|a| a.is_up(now)))
-                .then(|| format!("pool {name}: no healthy agent"))
-        })
-    }
-}
-
-impl Drop for Routing {
-    fn drop(&mut self) {
-        for c in &self.checks {
-            c.abort();
-        }
-    }
-}
-
-/// The current [`Routing`], replaceable while the proxy runs. Each
-/// connection takes it once, when its ClientHello is complete, so a reload
-/// never disturbs established sessions.
-pub struct SharedRoutes(std::sync::RwLock<Arc<Routing>>);
-
-impl SharedRoutes {
-    /// A holder with `routing` as the current one.
-    pub fn new(routing: Routing) -> Self {
-        SharedRoutes(std::sync::RwLock::new(Arc::new(routing)))
-    }
-
-    /// The current routing.
-    pub fn current(&self) -> Arc<Routing> {
-        Arc::clone(&self.0.read().unwrap_or_else(|p| p.into_inner()))
-    }
-
-    /// Make `routing` current for new connections.
-    pub fn replace(&self, routing: Routing) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(routing);
-    }
-}
-
-/// Counts live connections so shutdown can wait for them.
-#[derive(Debug, Clone, Default)]
-pub struct Tracker(Arc<TrackerInner>);
-
-#[derive(Debug, Default)]
-struct TrackerInner {
-    active: AtomicUsize,
-    idle: Notify,
-}
-
-/// Held by each connection task; dropping it marks the connection gone.
-#[derive(Debug)]
-pub struct Guard(Tracker);
-
-impl Tracker {
-    /// Register a connection.
-    pub fn enter(&self) -> Guard {
-        self.0.active.fetch_add(1, Ordering::AcqRel);
-        Guard(self.clone())
-    }
-
-    /// Live connections.
-    pub fn active(&self) -> usize {
-        self.0.active.load(Ordering::Acquire)
-    }
-
-    /// Resolves when no connection is live.
-    pub async fn wait_idle(&self) {
-        loop {
-            let notified = self.0.idle.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.active() == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if self.0 .0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0 .0.idle.notify_waiters();
-        }
-    }
+/// The routing state `config` describes, with its pools' health checks
+/// started (inside a runtime).
+pub fn routing(config: &Config) -> Routing {
+    Routing::start(
+        config.routes.clone(),
+        config.paths.clone(),
+        &config.pools,
+        config.required_pools.clone(),
+    )
 }
 
 /// Derive the connection cap from the descriptor limit (raised to the
 /// hard limit first) so that no client is accepted that cannot dial its
 /// agent: at the cap, new connections wait in the backlog. Logs the
 /// resulting capacity; a configured `max_connections` above it is capped.
-fn admission(config: &Config) -> crate::config::Limits {
+fn admission(config: &Config) -> Caps {
     let health_checks: usize = config.pools.iter().map(|p| p.agents.len()).sum();
     let extra = if config.admin.is_some() { 8 } else { 0 } + health_checks as u64;
     let configured = config.limits.max_connections;
-    let budget = crate::limits::FdBudget::measure(configured, extra);
+    let budget = FdBudget::measure(configured, extra);
     crate::forward::splice::set_pipe_budget(budget.pipes);
     tracing::info!(
         event = "capacity",
@@ -204,7 +90,7 @@ fn admission(config: &Config) -> crate::config::Limits {
             budget.connections
         );
     }
-    crate::config::Limits {
+    Caps {
         max_connections: Some(budget.connections),
         ..config.limits
     }
@@ -214,7 +100,7 @@ fn admission(config: &Config) -> crate::config::Limits {
 pub struct Server {
     addrs: Vec<(String, SocketAddr)>,
     stop: watch::Sender<bool>,
-    drain: watch::Sender<bool>,
+    drain: Drain,
     tracker: Tracker,
     accept_loops: Vec<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
@@ -257,7 +143,7 @@ impl Server {
                 if config.paths.is_empty() {
                     tracing::warn!(event = "no_path_routes", listener = %l.name, "terminate listener without [[path_route]] or [path_agent]: every request but the health path gets 404");
                 }
-                let state = crate::terminate::Tls::new(t).map_err(|what| StartError::Tls {
+                let state = Tls::new(t).map_err(|what| StartError::Tls {
                     listener: l.name.clone(),
                     what,
                 })?;
@@ -268,9 +154,9 @@ impl Server {
             .iter()
             .map(|(name, t)| (name.clone(), Arc::clone(&t.store)))
             .collect();
-        let routes = Arc::new(SharedRoutes::new(Routing::start(&config)));
+        let routes = Arc::new(SharedRoutes::new(routing(&config)));
         let (stop, stop_rx) = watch::channel(false);
-        let (drain, drain_rx) = watch::channel(false);
+        let drain = Drain::default();
         let tracker = Tracker::default();
         let mut bound = Vec::new();
         for l in &config.listeners {
@@ -288,11 +174,12 @@ impl Server {
                 bound.push((l.clone(), sock));
             }
         }
-        let limits = Arc::new(crate::limits::Limits::new(admission(&config)));
+        let limits = Arc::new(Limits::new(admission(&config)));
         if let (Some(l), Some(a)) = (admin_listener, &config.admin) {
             let admin = crate::admin::Admin {
                 metrics: Arc::clone(&metrics),
                 routes: Arc::clone(&routes),
+                drain: drain.clone(),
                 proxy_trusted: a.proxy_trusted.clone(),
                 max_connections: a.max_connections,
             };
@@ -315,16 +202,16 @@ impl Server {
             tracing::info!(event = "listening", listener = %name, addr = %local, engine = %l.engine, "listening");
             addrs.push((name.clone(), local));
             let ctx = Arc::new(ListenerCtx {
-                tls: tls.get(&name).cloned(),
                 config: l,
                 routes: Arc::clone(&routes),
-                drain: drain_rx.clone(),
+                drain: drain.clone(),
                 metrics: Arc::clone(&metrics),
                 limits: Arc::clone(&limits),
             });
             accept_loops.push(tokio::spawn(listener::serve(
                 listener,
                 ctx,
+                tls.get(&name).cloned(),
                 stop_rx.clone(),
                 tracker.clone(),
             )));
@@ -352,7 +239,7 @@ impl Server {
     /// Replace the routing table and pools for new connections (SIGHUP
     /// reload). Pools start with fresh health state.
     pub fn reload_routes(&self, config: &Config) {
-        self.routes.replace(Routing::start(config));
+        self.routes.replace(routing(config));
     }
 
     /// Re-read every terminate listener's certificate files (SIGHUP). A
@@ -401,7 +288,7 @@ impl Server {
     ///    passes (or `force` resolves), then the rest are closed.
     pub async fn shutdown(self, force: impl std::future::Future<Output = ()>) {
         tokio::pin!(force);
-        self.metrics.set_draining();
+        self.drain.start();
         notify::notify("STOPPING=1");
         let mut forced = false;
         if !self.drain_grace.is_zero() {
@@ -431,7 +318,7 @@ impl Server {
                 active = left,
                 "closing connections still open"
             );
-            let _ = self.drain.send(true);
+            self.drain.expire();
             // Each connection ends within one scheduling round once told.
             let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait_idle()).await;
         }

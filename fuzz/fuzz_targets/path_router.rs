@@ -71,7 +71,7 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(target.split('?').next(), Some("/health"));
         }
         Err(e) => {
-            let _ = (e.kind(), e.status());
+            let _ = (e.kind(), e.kind().http_status());
         }
     }
 });

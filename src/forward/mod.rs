@@ -3,9 +3,11 @@
 //! deadline passes.
 //!
 //! Each direction is a pump owned by one engine:
-//! - [`splice`]: `splice(2)` socket → pipe → socket, no copy through
-//!   userspace. The pipe is created when the first byte (or EOF) arrives,
-//!   not at accept, and sized with `F_SETPIPE_SZ`.
+//! - [`splice`]: small reads are copied through a 4 KiB buffer; once a
+//!   read fills it, `splice(2)` socket → pipe → socket moves the bulk
+//!   without copying it through userspace. The pipe is made then, not at
+//!   accept, sized with `F_SETPIPE_SZ`, and closed when the flow turns
+//!   quiet.
 //! - [`copy`]: read into a userspace buffer, write out. Used with
 //!   `--engine copy`, and by the splice engine when a pipe cannot be made
 //!   or the kernel refuses splice for these sockets.
@@ -14,11 +16,12 @@
 //! socket and ends; the other direction keeps flowing until its own EOF.
 //!
 //! Per chunk a pump does its syscalls and one relaxed atomic add for the
-//! byte count; no allocation, lock or log line.
+//! byte count; no allocation, lock or log line. These engines know nothing
+//! of TLS or HTTP; terminate mode has its own pump over rustls streams
+//! ([`crate::terminate`]).
 
 pub mod copy;
 pub mod splice;
-pub mod stream;
 
 use std::fmt;
 use std::io;
@@ -29,14 +32,29 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::outcome::Kind;
+use crate::shutdown::wait_true;
+
 /// How bytes are moved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Engine {
     /// Zero-copy `splice(2)` through a pipe per direction.
     Splice,
     /// Userspace copy through a buffer per direction.
     Copy,
+}
+
+impl std::str::FromStr for Engine {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "splice" => Ok(Engine::Splice),
+            "copy" => Ok(Engine::Copy),
+            other => Err(format!("`{other}` is not an engine: splice or copy")),
+        }
+    }
 }
 
 impl fmt::Display for Engine {
@@ -112,13 +130,13 @@ pub enum End {
 }
 
 impl End {
-    /// Stable short label for logs and metrics.
-    pub fn kind(&self) -> &'static str {
+    /// The outcome it closes the connection with.
+    pub fn kind(&self) -> Kind {
         match self {
-            End::Done => "done",
-            End::Idle(_) => "idle_timeout",
-            End::Drained => "drain_deadline",
-            End::Failed(_) => "io_error",
+            End::Done => Kind::Done,
+            End::Idle(_) => Kind::IdleTimeout,
+            End::Drained => Kind::DrainDeadline,
+            End::Failed(_) => Kind::IoError,
         }
     }
 }
@@ -241,13 +259,6 @@ pub async fn send_within<W: tokio::io::AsyncWrite + Unpin>(
         .map_err(|_| SendError::TimedOut(limit))??;
     count.fetch_add(bytes.len() as u64, Ordering::Relaxed);
     Ok(())
-}
-
-/// Resolves once the watch value is true; never if the sender is gone.
-pub async fn wait_true(rx: &mut watch::Receiver<bool>) {
-    if rx.wait_for(|v| *v).await.is_err() {
-        std::future::pending::<()>().await;
-    }
 }
 
 /// Shut down writing toward `dst` after its source reached EOF. A socket

@@ -29,7 +29,8 @@ use super::{copy, shutdown_write, PumpError, Side};
 
 /// Copy-mode buffer. A read that fills it switches to splice mode.
 const SMALL: usize = 4096;
-/// Consecutive splices shorter than [`SMALL`] that return to copy mode.
+/// Consecutive splices shorter than the 4 KiB copy buffer that return to
+/// copy mode.
 pub const BACK_TO_COPY: u32 = 8;
 
 /// Pipes that may still be made, process-wide (see [`set_pipe_budget`]).

@@ -19,6 +19,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use crate::cidr::Cidr;
+use crate::outcome::Kind;
 use crate::route::Target;
 
 /// The route name of agents named in the path.
@@ -110,21 +111,13 @@ pub enum PathError {
 }
 
 impl PathError {
-    /// Stable short label for logs and metrics.
-    pub fn kind(&self) -> &'static str {
+    /// The outcome this refusal closes the connection with; its
+    /// [`Kind::http_status`] is the status the client is answered with.
+    pub fn kind(&self) -> Kind {
         match self {
-            PathError::BadAddress(_) => "bad_request",
-            PathError::NotEnabled(_) | PathError::NotAllowed(_) => "agent_not_allowed",
-            PathError::NoRoute(_) => "no_route",
-        }
-    }
-
-    /// The HTTP status the client is answered with.
-    pub fn status(&self) -> u16 {
-        match self {
-            PathError::BadAddress(_) => 400,
-            PathError::NotEnabled(_) | PathError::NotAllowed(_) => 403,
-            PathError::NoRoute(_) => 404,
+            PathError::BadAddress(_) => Kind::BadRequest,
+            PathError::NotEnabled(_) | PathError::NotAllowed(_) => Kind::AgentNotAllowed,
+            PathError::NoRoute(_) => Kind::NoRoute,
         }
     }
 }
@@ -318,121 +311,4 @@ pub fn parse_ip_port(segment: &str) -> Option<(Ipv4Addr, Option<u16>)> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn t(s: &str) -> Target {
-        s.parse().unwrap()
-    }
-
-    fn table() -> PathTable {
-        let mut p = PathTable::new();
-        p.agent_in_path = Some(PathAgent {
-            allow: vec!["10.150.248.0/24".parse().unwrap()],
-            ports: vec![8443, 8444],
-            strip: true,
-        });
-        p.insert(PrefixRoute {
-            prefix: "/".into(),
-            target: t("10.0.0.1:8443"),
-            strip: true,
-        });
-        p.insert(PrefixRoute {
-            prefix: "/desk1/".into(),
-            target: t("10.0.0.2:8443"),
-            strip: true,
-        });
-        p.insert(PrefixRoute {
-            prefix: "/keep/".into(),
-            target: t("10.0.0.3:8443"),
-            strip: false,
-        });
-        p
-    }
-
-    fn fwd(p: &PathTable, target: &str) -> (String, String) {
-        match p.resolve(target).unwrap() {
-            PathDecision::Forward { target, path, .. } => (target.to_string(), path),
-            other => panic!("{target}: {other:?}"),
-        }
-    }
-
-    #[test]
-    fn agent_in_path_is_stripped_and_keeps_the_query() {
-        let p = table();
-        assert_eq!(
-            fwd(&p, "/10.150.248.180/auth?x=1"),
-            ("10.150.248.180:8443".into(), "/auth?x=1".into())
-        );
-        assert_eq!(
-            fwd(&p, "/10.150.248.180:8444/"),
-            ("10.150.248.180:8444".into(), "/".into())
-        );
-        assert_eq!(
-            p.resolve("/10.150.248.180?x").unwrap(),
-            PathDecision::Redirect("/10.150.248.180/?x".into())
-        );
-    }
-
-    #[test]
-    fn addresses_outside_allow_or_malformed_are_refused() {
-        let p = table();
-        for (path, kind, status) in [
-            ("/10.150.249.1/", "agent_not_allowed", 403),
-            ("/127.0.0.1/", "agent_not_allowed", 403),
-            ("/10.150.248.180:22/", "agent_not_allowed", 403),
-            ("/999.1.1.1/", "bad_request", 400),
-            ("/10.150.248.08/", "bad_request", 400),
-            ("/10.150.248/", "bad_request", 400),
-            ("/10.150.248.1.1/", "bad_request", 400),
-            ("/10.150.248.1:0/", "bad_request", 400),
-            ("/10.150.248.1:99999/", "bad_request", 400),
-            ("/10.150.248.1:/", "bad_request", 400),
-        ] {
-            let e = p.resolve(path).unwrap_err();
-            assert_eq!((e.kind(), e.status()), (kind, status), "{path}: {e}");
-        }
-        let mut off = table();
-        off.agent_in_path = None;
-        let e = off.resolve("/10.150.248.180/").unwrap_err();
-        assert_eq!(e.status(), 403, "{e}");
-    }
-
-    #[test]
-    fn prefixes_longest_first_with_default() {
-        let p = table();
-        assert_eq!(
-            fwd(&p, "/desk1/x/y?z"),
-            ("10.0.0.2:8443".into(), "/x/y?z".into())
-        );
-        assert_eq!(
-            fwd(&p, "/desk1x/"),
-            ("10.0.0.1:8443".into(), "/desk1x/".into())
-        );
-        assert_eq!(fwd(&p, "/"), ("10.0.0.1:8443".into(), "/".into()));
-        assert_eq!(
-            fwd(&p, "/keep/a"),
-            ("10.0.0.3:8443".into(), "/keep/a".into())
-        );
-        assert_eq!(
-            p.resolve("/desk1").unwrap(),
-            PathDecision::Redirect("/desk1/".into())
-        );
-        assert_eq!(p.resolve("/health").unwrap(), PathDecision::Health);
-        assert_eq!(p.resolve("/health?full").unwrap(), PathDecision::Health);
-        // Letters make it a name, not an address.
-        assert_eq!(fwd(&p, "/v1.2/x").0, "10.0.0.1:8443");
-    }
-
-    #[test]
-    fn no_default_means_404() {
-        let mut p = PathTable::new();
-        p.insert(PrefixRoute {
-            prefix: "/desk1/".into(),
-            target: t("10.0.0.2:8443"),
-            strip: true,
-        });
-        assert_eq!(p.resolve("/other").unwrap_err().status(), 404);
-        assert_eq!(p.resolve("/").unwrap_err().status(), 404);
-    }
-}
+mod tests;

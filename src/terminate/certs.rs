@@ -8,8 +8,7 @@
 //! load leaves the running one in place, and handshakes in progress keep
 //! the certificate they started with.
 
-use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use rustls::pki_types::pem::PemObject;
@@ -17,20 +16,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-/// A certificate chain file and its key file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CertFiles {
-    /// PEM certificate chain, end-entity certificate first.
-    pub cert: PathBuf,
-    /// PEM private key.
-    pub key: PathBuf,
-}
-
-impl fmt::Display for CertFiles {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (key {})", self.cert.display(), self.key.display())
-    }
-}
+use crate::context::CertFiles;
 
 /// A certificate or key that could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -288,6 +274,7 @@ fn civil_from_days(z: i64) -> (i32, u8, u8) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
         let p = dir.join(name);

@@ -1,18 +1,23 @@
 //! Upstream: connect to the chosen agent, directly or through a pool
-//! ([`pool`]: balancing, limits, passive health; [`health`]: active checks).
+//! ([`pool`]: balancing, limits, passive health; [`health`]: active checks),
+//! by one dial path, [`dial`], for every kind of connection.
 
 pub mod health;
 pub mod pool;
 pub mod tls;
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use crate::config::Keepalive;
+use crate::net::Keepalive;
+use crate::outcome::Kind;
 use crate::route::Target;
+use pool::{Pool, PoolError, Slot};
 
 /// Why no connection to the agent was made.
 #[derive(Debug, thiserror::Error)]
@@ -50,13 +55,13 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
-    /// Stable short label for logs and metrics.
-    pub fn kind(&self) -> &'static str {
+    /// The outcome this failure closes the connection with.
+    pub fn kind(&self) -> Kind {
         match self {
-            ConnectError::Resolve { .. } => "agent_resolve",
-            ConnectError::Refused { .. } => "agent_refused",
-            ConnectError::Timeout { .. } => "agent_timeout",
-            ConnectError::Io { .. } => "agent_unreachable",
+            ConnectError::Resolve { .. } => Kind::AgentResolve,
+            ConnectError::Refused { .. } => Kind::AgentRefused,
+            ConnectError::Timeout { .. } => Kind::AgentTimeout,
+            ConnectError::Io { .. } => Kind::AgentUnreachable,
         }
     }
 }
@@ -115,4 +120,91 @@ pub async fn connect(
         tracing::debug!(error = %e, "cannot set agent socket options");
     }
     Ok(stream)
+}
+
+/// An agent connected for one client connection.
+#[derive(Debug)]
+pub struct Dialled {
+    /// The agent's socket.
+    pub stream: TcpStream,
+    /// The agent for logs: a pool agent's name, else the target.
+    pub agent: String,
+    /// What was dialled; TLS to the agent verifies its certificate for it.
+    pub target: Target,
+    /// Which attempt succeeded (1 unless earlier agents of a pool failed).
+    pub attempt: usize,
+    /// The pool's slot, held for the connection's life.
+    pub slot: Option<Slot>,
+}
+
+/// Why no agent was connected.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// A route names a pool the routing table does not have.
+    #[error("route: pool {0} does not exist")]
+    NoPool(String),
+    /// The agent could not be reached.
+    #[error("upstream: {0}")]
+    Connect(#[from] ConnectError),
+    /// No agent of the pool could be reached.
+    #[error("upstream: {0}")]
+    Pool(#[from] PoolError),
+}
+
+impl DialError {
+    /// The outcome this failure closes the connection with.
+    pub fn kind(&self) -> Kind {
+        match self {
+            DialError::NoPool(_) => Kind::NoRoute,
+            DialError::Connect(e) => e.kind(),
+            DialError::Pool(e) => e.kind(),
+        }
+    }
+
+    /// The last attempt timed out (terminate mode answers 504).
+    pub fn timed_out(&self) -> bool {
+        matches!(
+            self,
+            DialError::Connect(ConnectError::Timeout { .. })
+                | DialError::Pool(PoolError::AllFailed {
+                    last: ConnectError::Timeout { .. },
+                    ..
+                })
+        )
+    }
+}
+
+/// Connect to `target` for a client at `client`: the agent itself, or the
+/// agent a pool chooses for the client, with the pool's retries. The client
+/// sees nothing until an agent accepts.
+pub async fn dial(
+    pools: &HashMap<String, Arc<Pool>>,
+    target: &Target,
+    client: IpAddr,
+    timeout: Duration,
+    keepalive: Option<Keepalive>,
+) -> Result<Dialled, DialError> {
+    match target {
+        Target::Pool(name) => {
+            let pool = pools
+                .get(name)
+                .ok_or_else(|| DialError::NoPool(name.clone()))?;
+            let c = pool.connect(client, timeout, keepalive).await?;
+            let agent = c.slot.agent();
+            Ok(Dialled {
+                agent: agent.name.clone(),
+                target: agent.config.target.clone(),
+                stream: c.stream,
+                attempt: c.attempt,
+                slot: Some(c.slot),
+            })
+        }
+        t => Ok(Dialled {
+            stream: connect(t, timeout, keepalive).await?,
+            agent: t.to_string(),
+            target: t.clone(),
+            attempt: 1,
+            slot: None,
+        }),
+    }
 }

@@ -1,5 +1,8 @@
 //! `splicegate demo`: the real proxy on an embedded configuration, with two
-//! built-in loopback TLS agents, driven by a few clients with different SNI.
+//! built-in loopback TLS agents ([`agents`]), driven by a few clients with
+//! different SNI.
+
+pub mod agents;
 
 use std::error::Error;
 use std::net::SocketAddr;
@@ -11,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::config::Config;
 use crate::forward::Engine;
 use crate::server::Server;
-use crate::testkit::{client_config, greet, identity, server_config, Agent};
+use agents::{client_config, greet, identity, server_config, Agent};
 
 /// A line on stdout; a closed stdout (`demo | head`) ends the demo with an
 /// error instead of a panic.
@@ -153,10 +156,12 @@ pub async fn run(opts: DemoOptions) -> Result<(), Box<dyn Error>> {
     say!("Try it yourself (type a line, the agent echoes it):");
     say!("  openssl s_client -quiet -connect {proxy} -servername alpha.demo.splicegate");
     say!("  openssl s_client -quiet -connect {proxy} -servername anything.beta.demo.splicegate");
-    say!("Serving until Ctrl-C or SIGTERM.");
+    // Watch the signals before saying so, or an early SIGTERM would kill
+    // the process instead of draining it.
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    say!("Serving until Ctrl-C or SIGTERM.");
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}

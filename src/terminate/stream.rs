@@ -1,4 +1,4 @@
-//! Forwarding between userspace streams, for terminate listeners: the
+//! Terminate mode's pump: forwarding between userspace streams. The
 //! client's side is decrypted by rustls and the agent's side re-encrypted
 //! (or plain TCP), so bytes pass through userspace by necessity.
 //!
@@ -23,7 +23,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
-use super::{idle, wait_true, Counters, End, PumpError, Side};
+use crate::forward::{idle, Counters, End, PumpError, Side};
+use crate::shutdown::wait_true;
 
 const BUF: usize = 16 * 1024;
 
@@ -192,8 +193,7 @@ impl Dir {
                         } else {
                             if self.probe_status {
                                 self.probe_status = false;
-                                self.status =
-                                    crate::terminate::http::response_status(&self.buf[..n]);
+                                self.status = super::http::response_status(&self.buf[..n]);
                             }
                             self.pos = 0;
                             self.cap = n;

@@ -1,0 +1,91 @@
+//! Config parsing: the examples, errors naming line and key, durations and
+//! command-line overrides.
+
+use std::time::Duration;
+
+use super::*;
+use crate::forward::Engine;
+
+#[test]
+fn full_example_parses() {
+    let text = include_str!("../../examples/splicegate.toml");
+    let c = Config::parse(text, "examples/splicegate.toml").unwrap();
+    assert!(!c.listeners.is_empty());
+    let d = c.routes.resolve(Some("agent1.dcv.example")).unwrap();
+    assert_eq!(d.target.to_string(), "10.150.248.180:8443");
+}
+
+#[test]
+fn terminate_example_parses() {
+    let text = include_str!("../../examples/terminate.toml");
+    let c = Config::parse(text, "examples/terminate.toml").unwrap();
+    let t = c.listeners[0].terminate.as_ref().unwrap();
+    assert_eq!(t.certs.len(), 2);
+    assert!(t.forwarded_headers);
+    match c.paths.resolve("/10.150.248.180/auth?x").unwrap() {
+        crate::route::path::PathDecision::Forward { target, path, .. } => {
+            assert_eq!(target.to_string(), "10.150.248.180:8443");
+            assert_eq!(path, "/auth?x");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(c.paths.resolve("/10.150.249.1/").is_err());
+}
+
+#[test]
+fn errors_name_line_and_key() {
+    let text = "[[listener]]\nbind = \"127.0.0.1:0\"\n\n[[route]]\nsni = \"a.example\"\nagent = \"nope\"\n";
+    let e = Config::parse(text, "x.toml").unwrap_err().to_string();
+    assert!(e.starts_with("x.toml:6: key `agent`:"), "{e}");
+    assert!(e.contains("HOST:PORT"), "{e}");
+
+    let text = "[[listener]]\nbind = \"127.0.0.1:0\"\nbogus = 1\n";
+    let e = Config::parse(text, "x.toml").unwrap_err().to_string();
+    assert!(e.starts_with("x.toml:3:") && e.contains("bogus"), "{e}");
+
+    let text = "[[listener]]\nbind = \"127.0.0.1:0\"\nidle_timeout = \"5 parsecs\"\n";
+    let e = Config::parse(text, "x.toml").unwrap_err().to_string();
+    assert!(e.starts_with("x.toml:3: key `idle_timeout`:"), "{e}");
+
+    let text = "[[route]]\nsni = \"a.example\"\nagent = \"127.0.0.1:1\"\n[[route]]\nsni = \"A.example.\"\nagent = \"127.0.0.1:2\"\n";
+    let e = Config::parse(text, "x.toml").unwrap_err().to_string();
+    assert!(
+        e.starts_with("x.toml:5: key `sni`:") && e.contains("already"),
+        "{e}"
+    );
+
+    let text = "[[agent_in_name]]\nsuffix = \"agents.example\"\nallow = [\"10.0.0.1/8\"]\n";
+    let e = Config::parse(text, "x.toml").unwrap_err().to_string();
+    assert!(e.starts_with("x.toml:3: key `allow`:"), "{e}");
+}
+
+#[test]
+fn durations() {
+    for text in ["0s", "500ms", "10s", "90s", "5m", "1h", "2d", "1500ms"] {
+        assert_eq!(format_duration(parse_duration(text).unwrap()), text);
+    }
+    assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+    assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+    assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+    assert!(parse_duration("10").is_err());
+    assert!(parse_duration("s").is_err());
+}
+
+#[test]
+fn cli_overrides() {
+    let mut c = Config::default();
+    let a: AgentArg = "*.x.example=127.0.0.1:9".parse().unwrap();
+    let p: AgentArg = "/desk1=127.0.0.1:10".parse().unwrap();
+    assert_eq!(p.pattern, AgentPattern::Path("/desk1/".into()));
+    c.apply_cli(
+        &["127.0.0.1:0".parse().unwrap()],
+        &[a, p],
+        Some(Engine::Copy),
+        &CliTls::default(),
+    )
+    .unwrap();
+    assert!(c.paths.has_prefix("/desk1/"));
+    assert_eq!(c.listeners[0].name, "cli");
+    assert_eq!(c.listeners[0].engine, Engine::Copy);
+    assert!(c.routes.resolve(Some("d.x.example")).is_ok());
+}

@@ -1,0 +1,608 @@
+//! From the file as written to the runtime [`Config`]: one function per
+//! section, each refusing a bad value with the line and key it came from.
+
+use std::fmt;
+use std::ops::Range;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::file::{
+    AdminSection, Dur, FileConfig, LimitsSection, ListenerSection, PathAgentSection,
+    PathRouteSection, PoolSection, RouteSection, RoutingSection,
+};
+use super::{AdminConfig, Config, ConfigError, DEFAULT_ADMIN_CONNECTIONS, DEFAULT_DRAIN_GRACE};
+use super::{MAX_CONNECTIONS, MAX_WEIGHT};
+use crate::cidr::Cidr;
+use crate::context::{CertFiles, ListenerConfig, TerminateConfig};
+use crate::limits::Caps;
+use crate::net::{Keepalive, DEFAULT_KEEPALIVE};
+use crate::proxy_protocol::Mode as ProxyMode;
+use crate::route::path::{PathAgent, PrefixRoute};
+use crate::route::{AgentInName, Target};
+use crate::upstream::pool::{AgentConfig, CheckKind, HealthConfig, Passive, PoolConfig};
+use crate::upstream::tls::UpstreamTls;
+
+/// Where the text came from, to turn a span into a line and a message.
+struct Src<'a> {
+    text: &'a str,
+    path: &'a str,
+}
+
+impl Src<'_> {
+    /// An error at `span`, naming the key written there.
+    fn at(&self, span: Range<usize>, what: String) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            line: line_of(self.text, span.start),
+            what: describe(self.text, Some(span), &what),
+        }
+    }
+
+    /// [`Src::at`] for the (span, message) pairs [`within`] returns.
+    fn range(&self, (span, what): (Range<usize>, String)) -> ConfigError {
+        self.at(span, what)
+    }
+
+    /// An error about the file as a whole.
+    fn whole(&self, what: String) -> ConfigError {
+        ConfigError::Whole {
+            path: self.path.to_owned(),
+            what,
+        }
+    }
+}
+
+/// Parse and validate TOML text; `path` is used in messages.
+pub(super) fn config(text: &str, path: &str) -> Result<Config, ConfigError> {
+    let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Invalid {
+        path: path.to_owned(),
+        line: e.span().map(|s| line_of(text, s.start)).unwrap_or(1),
+        what: describe(text, e.span(), e.message()),
+    })?;
+    let src = Src { text, path };
+    let mut config = Config::default();
+    let admin = file.admin.map(|a| admin(&src, a)).transpose()?;
+    if admin.is_some() {
+        config.drain_grace = DEFAULT_DRAIN_GRACE;
+    }
+    if let Some(s) = file.shutdown {
+        set(&mut config.drain_timeout, s.drain_timeout.map(|d| d.0));
+        set(&mut config.drain_grace, s.drain_grace.map(|d| d.0));
+    }
+    for (i, l) in file.listener.into_iter().enumerate() {
+        let lc = listener(&src, i, l)?;
+        if config.listeners.iter().any(|o| o.name == lc.name) {
+            return Err(src.whole(format!("two listeners are named {:?}", lc.name)));
+        }
+        config.listeners.push(lc);
+    }
+    if let Some(l) = file.limits {
+        config.limits = limits(&src, l)?;
+    }
+    pools(&src, file.pool, &mut config)?;
+    if let Some((mut a, trusted, required)) = admin {
+        a.proxy_trusted = trusted.unwrap_or_else(|| listeners_trusted(&config.listeners));
+        config.admin = Some(a);
+        for r in required {
+            if !config.pools.iter().any(|p| &p.name == r.get_ref()) {
+                return Err(src.at(
+                    r.span(),
+                    format!("key `require_pools`: no pool is named {:?}", r.get_ref()),
+                ));
+            }
+            config.required_pools.push(r.into_inner());
+        }
+    }
+    routes(&src, file.route, &mut config)?;
+    for a in file.agent_in_name {
+        config.routes.add_agent_in_name(AgentInName {
+            suffix: a.suffix.0 .0,
+            port: a.port.unwrap_or(8443),
+            allow: a.allow.into_iter().map(|c| c.0).collect(),
+        });
+    }
+    path_routes(&src, file.path_route, &mut config)?;
+    if let Some(a) = file.path_agent {
+        config.paths.agent_in_path = Some(path_agent(a));
+    }
+    if let Some(r) = file.routing {
+        routing(&src, r, &mut config)?;
+    }
+    Ok(config)
+}
+
+/// The admin section, its explicit `proxy_trusted` (if given) and the
+/// pools it requires.
+#[allow(clippy::type_complexity)]
+fn admin(
+    src: &Src<'_>,
+    a: AdminSection,
+) -> Result<(AdminConfig, Option<Vec<Cidr>>, Vec<Spanned<String>>), ConfigError> {
+    let mut cfg = AdminConfig {
+        bind: a.bind.0,
+        proxy_trusted: Vec::new(),
+        max_connections: DEFAULT_ADMIN_CONNECTIONS,
+    };
+    if let Some(n) = &a.max_connections {
+        cfg.max_connections = within(n, "max_connections", 1, 65536).map_err(|e| src.range(e))?;
+    }
+    let trusted = a
+        .proxy_trusted
+        .map(|v| v.into_iter().map(|c| c.0).collect());
+    Ok((cfg, trusted, a.require_pools))
+}
+
+/// Every listener's `proxy_trusted` networks, for the admin listener.
+fn listeners_trusted(listeners: &[ListenerConfig]) -> Vec<Cidr> {
+    let mut all: Vec<Cidr> = Vec::new();
+    for l in listeners
+        .iter()
+        .filter(|l| l.proxy_protocol != ProxyMode::Off)
+    {
+        for c in &l.proxy_trusted {
+            if !all.contains(c) {
+                all.push(*c);
+            }
+        }
+    }
+    all
+}
+
+fn listener(src: &Src<'_>, i: usize, l: ListenerSection) -> Result<ListenerConfig, ConfigError> {
+    let name = l
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("listener{}", i + 1));
+    let bind = l.bind.get_ref().0.clone();
+    if bind.is_empty() {
+        return Err(src.at(
+            l.bind.span(),
+            "key `bind`: at least one address is needed".into(),
+        ));
+    }
+    let range = |e| src.range(e);
+    let mut lc = ListenerConfig::with_defaults(&name, bind);
+    if let Some(b) = &l.backlog {
+        lc.backlog = within(b, "backlog", 1, 65535).map_err(range)?;
+    }
+    set(&mut lc.reuse_port, l.reuse_port);
+    set(&mut lc.engine, l.engine);
+    if let Some(p) = &l.pipe_size {
+        lc.pipe_size = within(p, "pipe_size", 4096, 1 << 20).map_err(range)?;
+    }
+    if let Some(h) = &l.hello_max_bytes {
+        lc.hello_max_bytes = within(h, "hello_max_bytes", 512, 1 << 20).map_err(range)?;
+    }
+    if let Some(d) = &l.hello_timeout {
+        lc.hello_timeout = positive(src, d, "hello_timeout")?;
+    }
+    if let Some(d) = &l.connect_timeout {
+        lc.connect_timeout = positive(src, d, "connect_timeout")?;
+    }
+    if let Some(d) = l.idle_timeout {
+        lc.idle_timeout = nonzero(d.0);
+    }
+    lc.keepalive = keepalive(src, &l)?;
+    set(
+        &mut lc.proxy_protocol,
+        l.proxy_protocol.as_ref().map(|p| *p.get_ref()),
+    );
+    lc.proxy_trusted = l.proxy_trusted.iter().map(|c| c.0).collect();
+    if let Some(p) = &l.proxy_protocol {
+        if *p.get_ref() != ProxyMode::Off && lc.proxy_trusted.is_empty() {
+            return Err(src.at(
+                p.span(),
+                "key `proxy_protocol`: also set `proxy_trusted` to the load balancer's networks; headers are accepted only from them".into(),
+            ));
+        }
+    }
+    lc.allowed_vpce = l.allowed_vpce.clone();
+    set(&mut lc.send_proxy, l.send_proxy);
+    set(&mut lc.send_proxy_tlvs, l.send_proxy_tlvs);
+    match l.mode.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
+        Some(("terminate", span)) => lc.terminate = Some(terminate(src, span, l)?),
+        Some(("passthrough", _)) | None => {
+            if let Some((key, span)) = l.terminate_keys().find_map(|(k, s)| s.map(|s| (k, s))) {
+                return Err(src.at(
+                    span,
+                    format!("key `{key}`: only applies to listeners with mode = \"terminate\""),
+                ));
+            }
+        }
+        Some((other, span)) => {
+            return Err(src.at(
+                span,
+                format!("key `mode`: `{other}` is not \"passthrough\" or \"terminate\""),
+            ))
+        }
+    }
+    Ok(lc)
+}
+
+/// Keepalive settings; Linux caps TCP_KEEPIDLE and TCP_KEEPINTVL at
+/// 32767 s and TCP_KEEPCNT at 127 (beyond, setsockopt fails at bind time).
+fn keepalive(src: &Src<'_>, l: &ListenerSection) -> Result<Option<Keepalive>, ConfigError> {
+    let secs = |d: &Spanned<Dur>, key: &str| {
+        let secs = d.get_ref().0.as_secs();
+        if secs > 32767 {
+            return Err(src.at(
+                d.span(),
+                format!("key `{key}`: {secs} s is more than the kernel's 32767 s"),
+            ));
+        }
+        Ok(d.get_ref().0)
+    };
+    let mut keepalive = Some(DEFAULT_KEEPALIVE);
+    if let Some(k) = &l.keepalive_time {
+        let time = secs(k, "keepalive_time")?;
+        keepalive = nonzero(time).map(|time| Keepalive {
+            time: time.max(Duration::from_secs(1)),
+            ..DEFAULT_KEEPALIVE
+        });
+    }
+    if let Some(ka) = keepalive.as_mut() {
+        if let Some(i) = &l.keepalive_interval {
+            ka.interval = secs(i, "keepalive_interval")?.max(Duration::from_secs(1));
+        }
+        if let Some(r) = &l.keepalive_retries {
+            ka.retries = within(r, "keepalive_retries", 1, 127).map_err(|e| src.range(e))?;
+        }
+    }
+    Ok(keepalive)
+}
+
+fn terminate(
+    src: &Src<'_>,
+    mode: Range<usize>,
+    l: ListenerSection,
+) -> Result<TerminateConfig, ConfigError> {
+    if l.cert.is_empty() {
+        return Err(src.at(
+            mode,
+            "key `mode`: a terminate listener needs at least one [[listener.cert]] with `cert` and `key`".into(),
+        ));
+    }
+    let upstream = upstream_tls(
+        l.upstream_tls.as_ref().map(|u| u.get_ref().as_str()),
+        l.upstream_ca.map(Spanned::into_inner),
+    )
+    .map_err(|what| src.at(l.upstream_tls.as_ref().map_or(mode, |u| u.span()), what))?;
+    let certs = l
+        .cert
+        .into_iter()
+        .map(|c| {
+            let c = c.into_inner();
+            CertFiles {
+                cert: c.cert,
+                key: c.key,
+            }
+        })
+        .collect();
+    let mut tc = TerminateConfig::new(certs, upstream);
+    tc.upstream_server_name = l.upstream_server_name.map(Spanned::into_inner);
+    if let Some(h) = &l.head_max_bytes {
+        tc.head_max_bytes = within(h, "head_max_bytes", 1024, 1 << 20).map_err(|e| src.range(e))?;
+    }
+    if let Some(d) = &l.head_timeout {
+        tc.head_timeout = positive(src, d, "head_timeout")?;
+    }
+    if let Some(d) = l.request_idle_timeout {
+        tc.request_idle_timeout = nonzero(d.into_inner().0);
+    }
+    set(
+        &mut tc.forwarded_headers,
+        l.forwarded_headers.map(Spanned::into_inner),
+    );
+    Ok(tc)
+}
+
+fn limits(src: &Src<'_>, l: LimitsSection) -> Result<Caps, ConfigError> {
+    let limit = |v: &Option<Spanned<usize>>, key: &str| {
+        v.as_ref()
+            .map(|n| within(n, key, 0, MAX_CONNECTIONS).map_err(|e| src.range(e)))
+            .transpose()
+            .map(|n| n.filter(|&n| n > 0))
+    };
+    Ok(Caps {
+        max_connections: limit(&l.max_connections, "max_connections")?,
+        max_per_client: limit(&l.max_per_client, "max_per_client")?,
+    })
+}
+
+fn pools(
+    src: &Src<'_>,
+    sections: Vec<PoolSection>,
+    config: &mut Config,
+) -> Result<(), ConfigError> {
+    for p in sections {
+        let name = p.name.get_ref();
+        if config.pools.iter().any(|o| &o.name == name) {
+            return Err(src.at(
+                p.name.span(),
+                format!("key `name`: two pools are named {name:?}"),
+            ));
+        }
+        config.pools.push(pool(src, p)?);
+    }
+    Ok(())
+}
+
+fn pool(src: &Src<'_>, p: PoolSection) -> Result<PoolConfig, ConfigError> {
+    let name = p.name.get_ref().clone();
+    let at_name = |what: String| src.at(p.name.span(), what);
+    if p.agents.is_empty() {
+        return Err(at_name(format!(
+            "pool {name:?} has no agents: add [[pool.agents]] tables"
+        )));
+    }
+    for a in &p.agents {
+        if let Some(w) = &a.weight {
+            within(w, "weight", 0, MAX_WEIGHT).map_err(|e| src.range(e))?;
+        }
+        if let Some(m) = &a.max_conns {
+            within(m, "max_conns", 0, MAX_CONNECTIONS).map_err(|e| src.range(e))?;
+        }
+    }
+    if p.agents
+        .iter()
+        .all(|a| a.weight.as_ref().is_some_and(|w| *w.get_ref() == 0))
+    {
+        return Err(at_name(format!(
+            "pool {name:?}: every agent has weight 0, so none can be chosen"
+        )));
+    }
+    let health = match p.health {
+        None => None,
+        Some(h) => {
+            let kind = match h.check.as_deref().unwrap_or("tcp") {
+                "tcp" => CheckKind::Tcp,
+                "tls" => CheckKind::Tls,
+                "https" => CheckKind::Https {
+                    path: h.path.unwrap_or_else(|| "/".to_owned()),
+                    status: match &h.status {
+                        Some(st) => within(st, "status", 100, 599).map_err(|e| src.range(e))?,
+                        None => 200,
+                    },
+                },
+                other => {
+                    return Err(at_name(format!(
+                        "pool {name:?}: health check `{other}` is not tcp, tls or https"
+                    )))
+                }
+            };
+            let at_least = |d: Option<Dur>, default: u64| {
+                d.map_or(Duration::from_secs(default), |d| {
+                    d.0.max(Duration::from_millis(10))
+                })
+            };
+            Some(HealthConfig {
+                kind,
+                interval: at_least(h.interval, 5),
+                timeout: at_least(h.timeout, 2),
+                rise: h.rise.unwrap_or(2).max(1),
+                fall: h.fall.unwrap_or(3).max(1),
+                sni: h.sni,
+            })
+        }
+    };
+    let agents: Vec<AgentConfig> = p
+        .agents
+        .into_iter()
+        .map(|a| AgentConfig {
+            target: a.addr.0,
+            weight: a.weight.map_or(1, Spanned::into_inner),
+            backup: a.backup.unwrap_or(false),
+            max_conns: a.max_conns.map(Spanned::into_inner).filter(|&n| n > 0),
+        })
+        .collect();
+    let n = agents.len();
+    Ok(PoolConfig {
+        name,
+        policy: p.policy.unwrap_or_default(),
+        passive: Passive {
+            max_fails: p.max_fails.unwrap_or(3),
+            fail_window: p.fail_window.map_or(Duration::from_secs(30), |d| d.0),
+            fail_timeout: p.fail_timeout.map_or(Duration::from_secs(30), |d| d.0),
+        },
+        health,
+        attempts: p.attempts.unwrap_or(n.min(3)).clamp(1, n),
+        agents,
+    })
+}
+
+/// `agent = "HOST:PORT"` or `pool = "NAME"`, exactly one.
+fn target(
+    src: &Src<'_>,
+    config: &Config,
+    agent: Option<Target>,
+    pool: Option<&Spanned<String>>,
+    missing: (Range<usize>, String),
+) -> Result<Target, ConfigError> {
+    match (agent, pool) {
+        (Some(a), None) => Ok(a),
+        (None, Some(name)) => {
+            let n = name.get_ref();
+            if config.pools.iter().any(|p| &p.name == n) {
+                Ok(Target::Pool(n.clone()))
+            } else {
+                Err(src.at(name.span(), format!("no pool is named {n:?}")))
+            }
+        }
+        _ => Err(src.range(missing)),
+    }
+}
+
+fn routes(
+    src: &Src<'_>,
+    sections: Vec<RouteSection>,
+    config: &mut Config,
+) -> Result<(), ConfigError> {
+    let mut seen = Vec::new();
+    for r in sections {
+        let pattern = r.sni.get_ref().0.clone();
+        if seen.contains(&pattern) {
+            return Err(src.at(
+                r.sni.span(),
+                format!("key `sni`: a route for {pattern} is already defined"),
+            ));
+        }
+        seen.push(pattern.clone());
+        let missing = (
+            r.sni.span(),
+            format!("route {pattern}: give exactly one of `agent` or `pool`"),
+        );
+        let t = target(src, config, r.agent.map(|a| a.0), r.pool.as_ref(), missing)?;
+        config.routes.insert_restricted(pattern, t, r.allowed_vpce);
+    }
+    Ok(())
+}
+
+fn path_routes(
+    src: &Src<'_>,
+    sections: Vec<PathRouteSection>,
+    config: &mut Config,
+) -> Result<(), ConfigError> {
+    for r in sections {
+        let prefix = super::cli::parse_prefix(r.prefix.get_ref())
+            .map_err(|e| src.at(r.prefix.span(), format!("key `prefix`: {e}")))?;
+        if config.paths.has_prefix(&prefix) {
+            return Err(src.at(
+                r.prefix.span(),
+                format!("key `prefix`: a path route for {prefix} is already defined"),
+            ));
+        }
+        let missing = (
+            r.prefix.span(),
+            format!("path route {prefix}: give exactly one of `agent` or `pool`"),
+        );
+        let t = target(src, config, r.agent.map(|a| a.0), r.pool.as_ref(), missing)?;
+        config.paths.insert(PrefixRoute {
+            prefix,
+            target: t,
+            strip: r.strip_prefix.unwrap_or(true),
+        });
+    }
+    Ok(())
+}
+
+fn path_agent(a: PathAgentSection) -> PathAgent {
+    PathAgent {
+        allow: a.allow.into_iter().map(|c| c.0).collect(),
+        ports: a
+            .ports
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| vec![8443]),
+        strip: a.strip_prefix.unwrap_or(true),
+    }
+}
+
+fn routing(src: &Src<'_>, r: RoutingSection, config: &mut Config) -> Result<(), ConfigError> {
+    if let Some(h) = &r.health_path {
+        let v = h.get_ref();
+        config.paths.health = if v.is_empty() {
+            None
+        } else if v.starts_with('/') && !v.contains('?') {
+            Some(v.clone())
+        } else {
+            return Err(src.at(
+                h.span(),
+                format!(
+                    "key `health_path`: `{v}` is not a path (like \"/health\"; \"\" turns it off)"
+                ),
+            ));
+        };
+    }
+    let default = match (r.default, &r.default_pool) {
+        (Some(_), Some(p)) => {
+            return Err(src.at(
+                p.span(),
+                "give `default` or `default_pool`, not both".into(),
+            ));
+        }
+        (None, None) => None,
+        (agent, pool) => Some(target(
+            src,
+            config,
+            agent.map(|a| a.0),
+            pool.as_ref(),
+            (0..0, String::new()),
+        )?),
+    };
+    config.routes.set_default(default);
+    config.routes.set_no_sni(r.no_sni.unwrap_or_default());
+    Ok(())
+}
+
+/// `upstream_tls` and `upstream_ca` as one setting. Verification is the
+/// default and needs a CA file; turning it off must be explicit.
+pub(super) fn upstream_tls(
+    kind: Option<&str>,
+    ca: Option<std::path::PathBuf>,
+) -> Result<UpstreamTls, String> {
+    match (kind.unwrap_or("verify"), ca) {
+        ("verify", Some(ca)) => Ok(UpstreamTls::Verify(ca)),
+        ("verify", None) => Err("key `upstream_tls`: verifying agents (the default) needs `upstream_ca`, a PEM file with the CA or the self-signed certificate of the agents (DCV generates a self-signed one per agent); or set upstream_tls = \"insecure\" to skip verification, or \"off\" for plain TCP".into()),
+        ("insecure", None) => Ok(UpstreamTls::Insecure),
+        ("off", None) => Ok(UpstreamTls::Off),
+        ("insecure" | "off", Some(_)) => Err("key `upstream_ca`: only used with upstream_tls = \"verify\"".into()),
+        (other, _) => Err(format!("key `upstream_tls`: `{other}` is not \"verify\", \"insecure\" or \"off\"")),
+    }
+}
+
+/// A duration that must not be zero.
+fn positive(src: &Src<'_>, d: &Spanned<Dur>, key: &str) -> Result<Duration, ConfigError> {
+    if d.get_ref().0.is_zero() {
+        return Err(src.at(d.span(), format!("key `{key}`: must be more than 0")));
+    }
+    Ok(d.get_ref().0)
+}
+
+/// `v` if inside `lo..=hi`, else a message naming the key and the range.
+fn within<T: PartialOrd + Copy + fmt::Display>(
+    v: &Spanned<T>,
+    key: &str,
+    lo: T,
+    hi: T,
+) -> Result<T, (Range<usize>, String)> {
+    let x = *v.get_ref();
+    if x < lo || x > hi {
+        return Err((v.span(), format!("key `{key}`: {x} is outside {lo}..={hi}")));
+    }
+    Ok(x)
+}
+
+fn set<T>(slot: &mut T, v: Option<T>) {
+    if let Some(v) = v {
+        *slot = v;
+    }
+}
+
+fn nonzero(d: Duration) -> Option<Duration> {
+    (!d.is_zero()).then_some(d)
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.get(..offset)
+        .map_or(1, |t| t.matches('\n').count() + 1)
+}
+
+/// The message, prefixed with the key written on the offending line when
+/// the message does not name one already.
+fn describe(text: &str, span: Option<Range<usize>>, message: &str) -> String {
+    let message = message.trim();
+    if message.contains('`') && message.starts_with("key") {
+        return message.to_owned();
+    }
+    let key = span.and_then(|s| {
+        let start = text.get(..s.start)?.rfind('\n').map_or(0, |i| i + 1);
+        let line = text.get(start..)?.lines().next()?;
+        let (k, _) = line.split_once('=')?;
+        let k = k.trim();
+        (!k.is_empty() && !k.starts_with('[')).then(|| k.to_owned())
+    });
+    match key {
+        Some(k) if !message.contains(&format!("`{k}`")) => format!("key `{k}`: {message}"),
+        _ => message.to_owned(),
+    }
+}

@@ -1,0 +1,300 @@
+//! What one accepted connection carries through the steps of its way:
+//! the settings and shared handles of the listener that accepted it
+//! ([`ListenerCtx`]), the access-log record it fills in as it goes
+//! ([`Record`]), and how it ends ([`Kind`], [`Refusal`]). Passthrough
+//! ([`crate::conn`]) and terminate ([`crate::terminate`]) connections both
+//! use these, so the access log and `/metrics` say the same things in both
+//! modes.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::cidr::Cidr;
+use crate::forward::{Counters, Engine};
+use crate::limits::Limits;
+use crate::metrics::Metrics;
+use crate::net::{Keepalive, DEFAULT_KEEPALIVE};
+pub use crate::outcome::{Kind, Refusal};
+use crate::proxy_protocol::Mode as ProxyMode;
+use crate::routing::SharedRoutes;
+use crate::shutdown::Drain;
+use crate::sniff::ClientHello;
+use crate::upstream::tls::UpstreamTls;
+
+/// What every connection accepted on one listener shares.
+pub struct ListenerCtx {
+    /// The listener's settings.
+    pub config: ListenerConfig,
+    /// The routing table (replaced on reload).
+    pub routes: Arc<SharedRoutes>,
+    /// Draining, and the drain deadline.
+    pub drain: Drain,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<Metrics>,
+    /// Connection limits.
+    pub limits: Arc<Limits>,
+}
+
+/// Settings of one listener.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// Name used in logs.
+    pub name: String,
+    /// Addresses to bind.
+    pub bind: Vec<SocketAddr>,
+    /// listen(2) backlog.
+    pub backlog: u32,
+    /// Set SO_REUSEPORT (several processes on one port).
+    pub reuse_port: bool,
+    /// Forwarding engine.
+    pub engine: Engine,
+    /// Pipe size for the splice engine, in bytes.
+    pub pipe_size: usize,
+    /// Total time from accept for the ClientHello to arrive.
+    pub hello_timeout: Duration,
+    /// Largest ClientHello handshake message accepted, in bytes.
+    pub hello_max_bytes: usize,
+    /// Time allowed to connect to an agent.
+    pub connect_timeout: Duration,
+    /// Close a connection with no traffic either way for this long (None: never).
+    pub idle_timeout: Option<Duration>,
+    /// TCP keepalive on both legs (None: off).
+    pub keepalive: Option<Keepalive>,
+    /// PROXY protocol versions expected from trusted peers.
+    pub proxy_protocol: ProxyMode,
+    /// Peers whose PROXY headers are trusted (and required).
+    pub proxy_trusted: Vec<Cidr>,
+    /// VPC endpoint ids allowed on this listener (empty: any).
+    pub allowed_vpce: Vec<String>,
+    /// PROXY header sent to agents.
+    pub send_proxy: SendProxy,
+    /// Pass the received TLVs on to agents (v2 only).
+    pub send_proxy_tlvs: bool,
+    /// Terminate TLS and route on the HTTP request path (None: TLS
+    /// passthrough, routed on SNI).
+    pub terminate: Option<TerminateConfig>,
+}
+
+/// Settings of a terminate-mode listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TerminateConfig {
+    /// Certificates presented, the first being the default.
+    pub certs: Vec<CertFiles>,
+    /// TLS toward agents.
+    pub upstream_tls: UpstreamTls,
+    /// Name the agents' certificates must cover (default: the address or
+    /// host name dialled).
+    pub upstream_server_name: Option<String>,
+    /// Largest request head accepted, in bytes.
+    pub head_max_bytes: usize,
+    /// Time from the end of the TLS handshake for the head to arrive.
+    pub head_timeout: Duration,
+    /// Idle timeout of a plain (non-WebSocket) request's exchange.
+    pub request_idle_timeout: Option<Duration>,
+    /// Add X-Real-IP, X-Forwarded-For and X-Forwarded-Proto.
+    pub forwarded_headers: bool,
+}
+
+impl TerminateConfig {
+    /// Defaults around the given certificates and agent TLS.
+    pub fn new(certs: Vec<CertFiles>, upstream_tls: UpstreamTls) -> Self {
+        TerminateConfig {
+            certs,
+            upstream_tls,
+            upstream_server_name: None,
+            head_max_bytes: 16 * 1024,
+            head_timeout: Duration::from_secs(10),
+            request_idle_timeout: Some(Duration::from_secs(300)),
+            forwarded_headers: false,
+        }
+    }
+}
+
+/// PROXY header sent to agents before the replayed ClientHello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendProxy {
+    /// None.
+    #[default]
+    Off,
+    /// Version 1 (text).
+    V1,
+    /// Version 2 (binary).
+    V2,
+}
+
+impl ListenerConfig {
+    /// A listener with default settings.
+    pub fn with_defaults(name: &str, bind: Vec<SocketAddr>) -> Self {
+        ListenerConfig {
+            name: name.to_owned(),
+            bind,
+            backlog: 1024,
+            reuse_port: false,
+            engine: Engine::Splice,
+            pipe_size: 256 * 1024,
+            hello_timeout: Duration::from_secs(10),
+            hello_max_bytes: 16 * 1024,
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Some(Duration::from_secs(3600)),
+            keepalive: Some(DEFAULT_KEEPALIVE),
+            proxy_protocol: ProxyMode::Off,
+            proxy_trusted: Vec::new(),
+            allowed_vpce: Vec::new(),
+            send_proxy: SendProxy::Off,
+            send_proxy_tlvs: false,
+            terminate: None,
+        }
+    }
+}
+
+/// A certificate chain file and its key file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    /// PEM certificate chain, end-entity certificate first.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+impl fmt::Display for CertFiles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (key {})", self.cert.display(), self.key.display())
+    }
+}
+
+/// What the access log says about a connection, filled in step by step.
+#[derive(Default)]
+pub struct Record {
+    /// The ClientHello, once complete.
+    pub hello: Option<ClientHello>,
+    /// The rule that chose the agent.
+    pub route: Option<String>,
+    /// The agent (for pools, the one chosen).
+    pub agent: Option<String>,
+    /// Bytes moved, once forwarding starts.
+    pub counters: Option<Arc<Counters>>,
+    /// A LOCAL header followed by a close: a load-balancer health probe.
+    pub probe: bool,
+    /// Terminate mode: the request path (without the query string, which
+    /// may carry DCV auth tokens).
+    pub path: Option<String>,
+    /// Terminate mode: the response status (the agent's, or splicegate's
+    /// own for errors, health and redirects).
+    pub status: Option<u16>,
+    /// The agent came from the client's name or path (agent-in-name,
+    /// agent-in-path): metrics label it `dynamic`, so a client cannot make
+    /// one time series per address an `allow` network holds.
+    pub dynamic: bool,
+}
+
+impl Record {
+    /// The `agent` label for `/metrics`.
+    pub fn metrics_agent(&self) -> &str {
+        if self.dynamic {
+            "dynamic"
+        } else {
+            self.agent.as_deref().unwrap_or("-")
+        }
+    }
+
+    /// The SNI for logs (`-` without one).
+    pub fn sni(&self) -> &str {
+        self.hello
+            .as_ref()
+            .and_then(|h| h.sni.as_deref())
+            .unwrap_or("-")
+    }
+
+    /// The ALPN list for logs (`-` without one).
+    pub fn alpn(&self) -> String {
+        self.hello
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), ClientHello::alpn_display)
+    }
+}
+
+/// Register a connection that starts forwarding with `/metrics` and the
+/// access record; returns its byte counters.
+pub fn register(
+    ctx: &ListenerCtx,
+    rec: &mut Record,
+    id: u64,
+    connect_time: Duration,
+) -> Arc<Counters> {
+    let counters = Arc::new(Counters::default());
+    let key = (
+        ctx.config.name.clone(),
+        rec.route.clone().unwrap_or_default(),
+        rec.metrics_agent().to_owned(),
+    );
+    ctx.metrics
+        .forwarding(id, key, connect_time, Arc::clone(&counters));
+    rec.counters = Some(Arc::clone(&counters));
+    counters
+}
+
+/// The tracing target of the access log's events, in both modes.
+pub const ACCESS_LOG: &str = "splicegate::conn";
+
+/// What a connection waited for before it was routed.
+pub enum Waited<'a> {
+    /// Passthrough: the ClientHello, from accept.
+    Hello(Duration),
+    /// Terminate mode: the request head, from accept.
+    Request {
+        /// `GET`, `POST`, ...
+        method: &'a str,
+        /// A WebSocket handshake.
+        websocket: bool,
+        /// Time from accept.
+        took: Duration,
+    },
+}
+
+/// The access log's `routed` event: once an agent is connected.
+pub fn routed(rec: &Record, attempt: usize, connect: Duration, waited: Waited<'_>) {
+    let (sni, route, agent) = (
+        rec.sni(),
+        rec.route.as_deref().unwrap_or("-"),
+        rec.agent.as_deref().unwrap_or("-"),
+    );
+    let connect_us = connect.as_micros() as u64;
+    match waited {
+        Waited::Hello(d) => tracing::info!(
+            target: ACCESS_LOG,
+            event = "routed",
+            sni,
+            alpn = %rec.alpn(),
+            route,
+            agent,
+            attempt,
+            hello_us = d.as_micros() as u64,
+            connect_us,
+            "connection routed"
+        ),
+        Waited::Request {
+            method,
+            websocket,
+            took,
+        } => tracing::info!(
+            target: ACCESS_LOG,
+            event = "routed",
+            sni,
+            method,
+            path = rec.path.as_deref().unwrap_or("-"),
+            websocket,
+            route,
+            agent,
+            attempt,
+            request_us = took.as_micros() as u64,
+            connect_us,
+            "request routed"
+        ),
+    }
+}

@@ -1,0 +1,93 @@
+//! The live routing state: the route tables with the pools they refer to
+//! and their health checks, swapped as one on reload. Each connection takes
+//! the current one once, when it is ready to route, so a reload never
+//! disturbs established sessions.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use tokio::task::JoinHandle;
+
+use crate::route::path::PathTable;
+use crate::route::RouteTable;
+use crate::upstream::health;
+use crate::upstream::pool::{Pool, PoolConfig};
+
+/// The routing table with the pools it refers to and their health-check
+/// tasks. Replaced as one on reload; dropping it stops its checks.
+pub struct Routing {
+    /// Name → target rules.
+    pub table: RouteTable,
+    /// Path rules for terminate listeners.
+    pub paths: PathTable,
+    /// Pools by name.
+    pub pools: HashMap<String, Arc<Pool>>,
+    /// Pools that must have a healthy agent for health to answer 200.
+    pub required: Vec<String>,
+    checks: Vec<JoinHandle<()>>,
+}
+
+impl Routing {
+    /// Build the pools and start their health checks (inside a runtime).
+    pub fn start(
+        table: RouteTable,
+        paths: PathTable,
+        pools: &[PoolConfig],
+        required: Vec<String>,
+    ) -> Routing {
+        let pools: HashMap<String, Arc<Pool>> = pools
+            .iter()
+            .map(|p| (p.name.clone(), Arc::new(Pool::new(p.clone()))))
+            .collect();
+        let checks = pools.values().flat_map(health::spawn).collect();
+        Routing {
+            table,
+            paths,
+            pools,
+            required,
+            checks,
+        }
+    }
+
+    /// Why the proxy should be reported unhealthy, if it should: draining,
+    /// or a required pool with no agent up (active and passive health).
+    pub fn unhealthy(&self, draining: bool) -> Option<String> {
+        if draining {
+            return Some("draining".to_owned());
+        }
+        let now = tokio::time::Instant::now();
+        self.required.iter().find_map(|name| {
+            let pool = self.pools.get(name)?;
+            (!pool.agents().iter().any(|a| a.is_up(now)))
+                .then(|| format!("pool {name}: no healthy agent"))
+        })
+    }
+}
+
+impl Drop for Routing {
+    fn drop(&mut self) {
+        for c in &self.checks {
+            c.abort();
+        }
+    }
+}
+
+/// The current [`Routing`], replaceable while the proxy runs.
+pub struct SharedRoutes(RwLock<Arc<Routing>>);
+
+impl SharedRoutes {
+    /// A holder with `routing` as the current one.
+    pub fn new(routing: Routing) -> Self {
+        SharedRoutes(RwLock::new(Arc::new(routing)))
+    }
+
+    /// The current routing.
+    pub fn current(&self) -> Arc<Routing> {
+        Arc::clone(&self.0.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Make `routing` current for new connections.
+    pub fn replace(&self, routing: Routing) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(routing);
+    }
+}
