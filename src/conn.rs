@@ -92,8 +92,26 @@ pub async fn handle(
     .await
 }
 
+/// A passthrough connection ready to forward: both legs, and what must
+/// live as long as they do.
+struct Ready {
+    client: TcpStream,
+    agent: TcpStream,
+    counters: Arc<forward::Counters>,
+    _agent_slot: Option<upstream::pool::Slot>,
+    _client_slot: Option<crate::limits::ClientSlot>,
+}
+
+/// How the first steps ended.
+enum Prepared {
+    /// Passthrough: forward.
+    Ready(Ready),
+    /// A terminate listener's connection, served to its end.
+    Served(forward::End),
+}
+
 async fn serve(
-    mut client: TcpStream,
+    client: TcpStream,
     peer: SocketAddr,
     ctx: &ListenerCtx,
     tls: Option<&Tls>,
@@ -101,6 +119,41 @@ async fn serve(
     rec: &mut Record,
     id: u64,
 ) -> Result<forward::End, Refusal> {
+    // The first steps run boxed: their state is freed once the connection
+    // forwards, so an idle connection's task holds only what forwarding
+    // needs.
+    let ready = match Box::pin(prepare(client, peer, ctx, tls, started, rec, id)).await? {
+        Prepared::Ready(r) => r,
+        Prepared::Served(end) => return Ok(end),
+    };
+    let cfg = &ctx.config;
+    let opts = forward::Options {
+        engine: cfg.engine,
+        pipe_size: cfg.pipe_size,
+        idle_timeout: cfg.idle_timeout,
+    };
+    let mut deadline = ctx.drain.deadline();
+    Ok(forward::run(
+        &ready.client,
+        &ready.agent,
+        opts,
+        &mut deadline,
+        &ready.counters,
+    )
+    .await)
+}
+
+/// PROXY header, ClientHello, route, dial and replay: everything before
+/// bytes flow (or, on a terminate listener, the whole exchange).
+async fn prepare(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    ctx: &ListenerCtx,
+    tls: Option<&Tls>,
+    started: Instant,
+    rec: &mut Record,
+    id: u64,
+) -> Result<Prepared, Refusal> {
     let cfg = &ctx.config;
     let name = cfg.name.as_str();
     // TCP_NODELAY and keepalive were set on the listening socket and are
@@ -152,7 +205,7 @@ async fn serve(
     });
     let local = header.as_ref().is_some_and(|h| h.command == Command::Local);
 
-    let _client_slot = if vpce_refusal.is_none() {
+    let client_slot = if vpce_refusal.is_none() {
         ctx.limits.enter_client(real_client.ip()).map_err(|n| {
             Refusal::new(
                 Kind::ClientLimit,
@@ -228,7 +281,10 @@ async fn serve(
             real_client,
             health_only,
         };
-        return job.serve(client, replay, rec, out_header).await;
+        return job
+            .serve(client, replay, rec, out_header)
+            .await
+            .map(Prepared::Served);
     }
     if let Some(refusal) = vpce_refusal {
         return Err(refuse(&client, refusal));
@@ -254,7 +310,6 @@ async fn serve(
     .map_err(|e| refuse(&client, Refusal::new(e.kind(), e.to_string())))?;
     drop(routing);
     let mut agent = dialled.stream;
-    let _slot = dialled.slot;
     rec.agent = Some(dialled.agent);
     let connect_time = started.elapsed() - hello_wait;
 
@@ -275,21 +330,19 @@ async fn serve(
                 refuse(&client, Refusal::new(kind, why))
             })?;
     }
-    drop(replay);
     context::routed(
         rec,
         dialled.attempt,
         connect_time,
         context::Waited::Hello(hello_wait),
     );
-
-    let opts = forward::Options {
-        engine: cfg.engine,
-        pipe_size: cfg.pipe_size,
-        idle_timeout: cfg.idle_timeout,
-    };
-    let mut deadline = ctx.drain.deadline();
-    Ok(forward::run(&client, &agent, opts, &mut deadline, &counters).await)
+    Ok(Prepared::Ready(Ready {
+        client,
+        agent,
+        counters,
+        _agent_slot: dialled.slot,
+        _client_slot: client_slot,
+    }))
 }
 
 /// Refuse a client whose ClientHello is complete with the TLS alert that
@@ -329,5 +382,35 @@ fn outgoing_header(
             };
             pp::encode_v2(client, dst, tlvs, false)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::{Caps, Limits};
+    use crate::route::path::PathTable;
+    use crate::route::RouteTable;
+    use crate::routing::{Routing, SharedRoutes};
+    use crate::shutdown::Drain;
+
+    /// What a connection's task holds while it is idle is mostly this
+    /// future (its buffers are the worker's, see `forward::copy`).
+    #[tokio::test]
+    async fn a_connection_task_is_small() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let routing = Routing::start(RouteTable::new(), PathTable::new(), &[], Vec::new());
+        let ctx = Arc::new(ListenerCtx {
+            config: ListenerConfig::with_defaults("t", Vec::new()),
+            routes: Arc::new(SharedRoutes::new(routing)),
+            drain: Drain::default(),
+            metrics: Arc::default(),
+            limits: Arc::new(Limits::new(Caps::default())),
+        });
+        let peer = "127.0.0.1:1".parse().unwrap();
+        let size = std::mem::size_of_val(&handle(c, peer, ctx, None, 1));
+        eprintln!("connection future: {size} bytes");
+        assert!(size <= 1536, "{size}");
     }
 }

@@ -11,6 +11,7 @@
 //! `target/bench/<timestamp>/` (or `--out DIR`): `results.md`, `results.json`, `rtt.svg`.
 
 mod agent;
+mod idle;
 mod load;
 mod report;
 mod targets;
@@ -39,6 +40,8 @@ enum Cmd {
     /// Terminate mode: splicegate and nginx ending TLS, reading the HTTP
     /// upgrade and re-encrypting to the agent, against a direct connection.
     Terminate(SuiteArgs),
+    /// Memory per idle connection (user and kernel) at several sizes.
+    Idle(idle::IdleArgs),
 }
 
 #[derive(clap::Args, Clone)]
@@ -229,6 +232,8 @@ fn parse_targets(list: &str) -> Result<Vec<Kind>, String> {
             "direct" => Ok(Kind::Direct),
             "splicegate-splice" => Ok(Kind::Splicegate("splice")),
             "splicegate-copy" => Ok(Kind::Splicegate("copy")),
+            "splicegate-splice-64k" => Ok(Kind::Splicegate("splice-64k")),
+            "splicegate-splice-1m" => Ok(Kind::Splicegate("splice-1m")),
             "haproxy" => Ok(Kind::Haproxy("")),
             "haproxy-splice-auto" => Ok(Kind::Haproxy("option splice-auto")),
             "haproxy-splice" => Ok(Kind::Haproxy(
@@ -241,16 +246,17 @@ fn parse_targets(list: &str) -> Result<Vec<Kind>, String> {
 }
 
 fn main() -> std::process::ExitCode {
-    let (args, mode) = match Cli::parse().command {
-        Cmd::Suite(a) => (a, "passthrough"),
-        Cmd::Terminate(a) => (a, "terminate"),
-    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
-    match rt.block_on(suite(args, mode)) {
+    let result = match Cli::parse().command {
+        Cmd::Suite(a) => rt.block_on(suite(a, "passthrough")),
+        Cmd::Terminate(a) => rt.block_on(suite(a, "terminate")),
+        Cmd::Idle(a) => rt.block_on(idle::run(a)),
+    };
+    match result {
         Ok(clean) if clean => std::process::ExitCode::SUCCESS,
         Ok(_) => {
             eprintln!("splicegate-bench: finished with errors (marked in the report)");
@@ -325,7 +331,7 @@ impl Bench {
     ) -> Result<targets::Running, String> {
         match self {
             Bench::Passthrough(agents, kinds) => {
-                let r = targets::start(&kinds[i], agents, splicegate)?;
+                let r = targets::start(&kinds[i], agents, splicegate, 5000)?;
                 routing_check(&r, agents, tls)
                     .await
                     .map_err(|e| format!("routing check failed: {e}"))?;

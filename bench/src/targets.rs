@@ -135,8 +135,14 @@ pub fn wait_port(addr: SocketAddr, child: &mut Child) -> Result<(), String> {
     }
 }
 
-/// Start a target. `splicegate` is the binary to run.
-pub fn start(kind: &Kind, agents: &Agents, splicegate: &Path) -> Result<Running, String> {
+/// Start a target. `splicegate` is the binary to run; `conns` the most
+/// connections it must hold at once (the peers' own connection caps).
+pub fn start(
+    kind: &Kind,
+    agents: &Agents,
+    splicegate: &Path,
+    conns: u32,
+) -> Result<Running, String> {
     let dir = std::env::temp_dir().join(format!(
         "splicegate-bench-{}-{}",
         std::process::id(),
@@ -152,8 +158,18 @@ pub fn start(kind: &Kind, agents: &Agents, splicegate: &Path) -> Result<Running,
         NAMES.iter().map(|n| (sni(n), agents.addr(n))).collect();
     match kind {
         Kind::Direct => return Ok(running),
-        Kind::Splicegate(engine) => {
+        Kind::Splicegate(variant) => {
+            // `splice`, `copy`, or the splice engine with another pipe
+            // size: `splice-64k`, `splice-1m`.
+            let (engine, pipe) = match *variant {
+                "splice-64k" => ("splice", Some(64 * 1024)),
+                "splice-1m" => ("splice", Some(1 << 20)),
+                e => (e, None),
+            };
             let mut cfg = format!("[[listener]]\nbind = \"127.0.0.1:0\"\nengine = \"{engine}\"\n");
+            if let Some(p) = pipe {
+                cfg.push_str(&format!("pipe_size = {p}\n"));
+            }
             for (n, a) in &routes {
                 cfg.push_str(&format!("[[route]]\nsni = \"{n}\"\nagent = \"{a}\"\n"));
             }
@@ -167,8 +183,9 @@ pub fn start(kind: &Kind, agents: &Agents, splicegate: &Path) -> Result<Running,
             let port = free_port().map_err(|e| e.to_string())?;
             let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("valid");
             let mut cfg = format!(
-                "global\n  maxconn 5000\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n  {option}\n\n\
-                 frontend fe\n  bind {addr}\n  tcp-request inspect-delay 5s\n  tcp-request content accept if {{ req_ssl_hello_type 1 }}\n"
+                "global\n  maxconn {maxconn}\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n  {option}\n\n\
+                 frontend fe\n  bind {addr}\n  tcp-request inspect-delay 5s\n  tcp-request content accept if {{ req_ssl_hello_type 1 }}\n",
+                maxconn = conns.max(5000) + 100
             );
             for (i, (n, _)) in routes.iter().enumerate() {
                 cfg.push_str(&format!("  use_backend b{i} if {{ req.ssl_sni -i {n} }}\n"));
@@ -200,10 +217,12 @@ pub fn start(kind: &Kind, agents: &Agents, splicegate: &Path) -> Result<Running,
                 .find(|m| Path::new(m).exists())
                 .map_or(String::new(), |m| format!("load_module {m};\n"));
             let mut cfg = format!(
-                "{module}daemon off;\nmaster_process on;\nworker_processes auto;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log warn;\n\
-                 events {{ worker_connections 8000; }}\n\
+                "{module}daemon off;\nmaster_process on;\nworker_processes auto;\nworker_rlimit_nofile {nofile};\npid {dir}/nginx.pid;\nerror_log {dir}/error.log warn;\n\
+                 events {{ worker_connections {worker}; }}\n\
                  stream {{\n  map $ssl_preread_server_name $agent {{\n",
-                dir = dir.display()
+                dir = dir.display(),
+                worker = 2 * conns.max(4000) + 100,
+                nofile = 2 * conns.max(4000) + 200,
             );
             for (n, a) in &routes {
                 cfg.push_str(&format!("    {n} {a};\n"));
@@ -225,7 +244,11 @@ pub fn spawn_splicegate(splicegate: &Path, file: &Path) -> Result<(Child, Socket
     let mut child = Command::new(splicegate)
         .args(["--log-format", "json", "run", "--config"])
         .arg(file)
-        .env("SPLICEGATE_LOG", "warn,splicegate::server=info")
+        .env(
+            "SPLICEGATE_LOG",
+            std::env::var("BENCH_SPLICEGATE_LOG")
+                .unwrap_or_else(|_| "warn,splicegate::server=info".to_owned()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -248,8 +271,18 @@ pub fn spawn_splicegate(splicegate: &Path, file: &Path) -> Result<(Child, Socket
                 .map_err(|e| e.to_string())?;
         }
     };
-    // Keep draining its log so it never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
+    // Keep draining its log so it never blocks on a full pipe; warnings
+    // and errors are kept beside its config for a look after the run.
+    let log = file.with_file_name("splicegate.log");
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let mut out = std::fs::File::create(log).ok();
+        for line in lines.map_while(Result::ok) {
+            if let Some(f) = out.as_mut() {
+                let _ = writeln!(f, "{line}");
+            }
+        }
+    });
     Ok((child, addr))
 }
 

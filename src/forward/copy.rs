@@ -1,60 +1,83 @@
-//! Userspace copy engine: one buffer per direction, allocated when the
-//! first byte arrives. Each chunk is copied twice (kernel → buffer →
-//! kernel).
+//! Userspace copy, for the copy engine and the splice engine's small
+//! messages: read into a buffer, write it out. Each chunk is copied twice
+//! (kernel → buffer → kernel).
+//!
+//! The buffer is not the connection's: [`relay`] reads into a scratch
+//! buffer of the worker thread and writes it out before returning, so an
+//! idle connection holds no buffer at all. Only bytes the destination
+//! cannot take at once (its socket buffer is full) are kept, in a buffer
+//! owned by the direction; it is reused while data flows and freed when
+//! the source runs dry.
 
+use std::cell::RefCell;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::net::TcpStream;
 
-use super::{shutdown_write, PumpError, Side};
+use super::{PumpError, Side};
 
-/// Buffer per direction. Small buffers cost throughput badly; 64 KiB
-/// matches a default pipe.
-const BUF_SIZE: usize = 64 * 1024;
+/// Scratch size of the copy engine. Small buffers cost throughput badly;
+/// 64 KiB matches a default pipe.
+pub const BULK: usize = 64 * 1024;
 
-/// Copy `src` → `dst` until EOF, then shut down writing on `dst`.
-pub async fn pump(
-    src: &TcpStream,
-    dst: &TcpStream,
-    (from, to): (Side, Side),
-    count: &AtomicU64,
-) -> Result<(), PumpError> {
-    let read_err = |source| PumpError::Read { side: from, source };
-    let mut buf = Vec::new();
-    loop {
-        src.readable().await.map_err(read_err)?;
-        if buf.is_empty() {
-            buf = vec![0u8; BUF_SIZE];
-        }
-        let n = match src.try_read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(read_err(e)),
-        };
-        write_all(dst, &buf[..n], count)
-            .await
-            .map_err(|source| PumpError::Write { side: to, source })?;
-    }
-    shutdown_write(dst);
-    Ok(())
+thread_local! {
+    /// One scratch buffer per worker thread, shared by every connection
+    /// it runs: a read and the writes that follow it happen without a
+    /// suspension point in between.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; BULK].into_boxed_slice());
 }
 
-pub(super) async fn write_all(
+/// What one [`relay`] did.
+pub(super) enum Relayed {
+    /// The source has nothing now.
+    WouldBlock,
+    /// The source reached EOF.
+    Eof,
+    /// Read this many bytes; all written, or the rest kept in `pending`.
+    Read(usize),
+}
+
+/// Read at most `max` bytes from `src` into the thread's scratch buffer
+/// and write them to `dst` at once. What `dst` does not take is appended
+/// to `pending` (allocated only then), for the caller to write after
+/// waiting for `dst` to be writable.
+pub(super) fn relay(
+    src: &TcpStream,
     dst: &TcpStream,
-    mut data: &[u8],
+    max: usize,
+    pending: &mut Vec<u8>,
     count: &AtomicU64,
-) -> io::Result<()> {
-    while !data.is_empty() {
-        match dst.try_write(data) {
-            Ok(n) => {
-                data = &data[n..];
-                count.fetch_add(n as u64, Ordering::Relaxed);
+    (from, to): (Side, Side),
+) -> Result<Relayed, PumpError> {
+    SCRATCH.with_borrow_mut(|buf| {
+        let buf = &mut buf[..max.min(BULK)];
+        let n = match src.try_read(buf) {
+            Ok(0) => return Ok(Relayed::Eof),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Relayed::WouldBlock),
+            Err(source) => return Err(PumpError::Read { side: from, source }),
+        };
+        let mut sent = 0;
+        while sent < n {
+            match dst.try_write(&buf[sent..n]) {
+                Ok(m) => {
+                    sent += m;
+                    count.fetch_add(m as u64, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(source) => return Err(PumpError::Write { side: to, source }),
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await?,
-            Err(e) => return Err(e),
         }
+        pending.extend_from_slice(&buf[sent..n]);
+        Ok(Relayed::Read(n))
+    })
+}
+
+/// The source ran dry: free the pending buffer, if any, so a quiet
+/// connection holds none.
+pub(super) fn release(pending: &mut Vec<u8>) {
+    if pending.capacity() > 0 {
+        *pending = Vec::new();
     }
-    Ok(())
 }

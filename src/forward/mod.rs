@@ -2,15 +2,17 @@
 //! directions end, one side fails, the idle timeout fires or the drain
 //! deadline passes.
 //!
-//! Each direction is a pump owned by one engine:
-//! - [`splice`]: small reads are copied through a 4 KiB buffer; once a
-//!   read fills it, `splice(2)` socket → pipe → socket moves the bulk
-//!   without copying it through userspace. The pipe is made then, not at
-//!   accept, sized with `F_SETPIPE_SZ`, and closed when the flow turns
-//!   quiet.
-//! - [`copy`]: read into a userspace buffer, write out. Used with
-//!   `--engine copy`, and by the splice engine when a pipe cannot be made
-//!   or the kernel refuses splice for these sockets.
+//! Each direction is a pump, a small state machine that [`run`] polls
+//! with the other direction, the idle watchdog and the drain signal. Its
+//! mechanisms:
+//! - [`copy`]: read into the worker thread's scratch buffer and write it
+//!   out at once, so an idle connection holds no buffer. The copy engine
+//!   (`--engine copy`) only copies, 64 KiB at a time; the splice engine
+//!   copies small reads, 4 KiB at a time.
+//! - [`splice`]: once a read fills those 4 KiB, `splice(2)` socket → pipe
+//!   → socket moves the bulk without copying it through userspace. The
+//!   pipe is made then, not at accept, sized with `F_SETPIPE_SZ`, and
+//!   closed when the flow turns quiet.
 //!
 //! Half-close: when a pump reads EOF it shuts down writing on the other
 //! socket and ends; the other direction keeps flowing until its own EOF.
@@ -21,11 +23,14 @@
 //! ([`crate::terminate`]).
 
 pub mod copy;
+mod pump;
 pub mod splice;
 
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -171,34 +176,31 @@ pub async fn run(
     drain: &mut watch::Receiver<bool>,
     counters: &Counters,
 ) -> End {
-    let (up, down) = (&counters.to_agent, &counters.to_client);
-    let pumps = async {
-        tokio::try_join!(
-            pump(opts, client, agent, (Side::Client, Side::Agent), up),
-            pump(opts, agent, client, (Side::Agent, Side::Client), down),
-        )
-    };
-    tokio::select! {
-        r = pumps => match r {
-            Ok(_) => End::Done,
-            Err(e) => End::Failed(e),
-        },
-        d = idle(opts.idle_timeout, up, down) => End::Idle(d),
-        _ = wait_true(drain) => End::Drained,
-    }
-}
-
-async fn pump(
-    opts: Options,
-    src: &TcpStream,
-    dst: &TcpStream,
-    sides: (Side, Side),
-    count: &AtomicU64,
-) -> Result<(), PumpError> {
-    match opts.engine {
-        Engine::Splice => splice::pump(src, dst, sides, opts.pipe_size, count).await,
-        Engine::Copy => copy::pump(src, dst, sides, count).await,
-    }
+    let (up_count, down_count) = (&counters.to_agent, &counters.to_client);
+    let mut up = pump::Pump::new(client, agent, (Side::Client, Side::Agent), up_count, opts);
+    let mut down = pump::Pump::new(agent, client, (Side::Agent, Side::Client), down_count, opts);
+    let idle = idle(opts.idle_timeout, up_count, down_count);
+    let drained = wait_true(drain);
+    tokio::pin!(idle, drained);
+    std::future::poll_fn(|cx| {
+        let a = up.poll(cx);
+        let b = down.poll(cx);
+        match (a, b) {
+            (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => {
+                return Poll::Ready(End::Failed(e));
+            }
+            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => return Poll::Ready(End::Done),
+            _ => {}
+        }
+        if let Poll::Ready(d) = idle.as_mut().poll(cx) {
+            return Poll::Ready(End::Idle(d));
+        }
+        if drained.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(End::Drained);
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Resolves when neither counter moved for `timeout`. It samples four times

@@ -1,37 +1,38 @@
-//! Zero-copy engine with a small-message path.
+//! The splice engine's mechanism: pipes out of a process-wide budget, and
+//! one `splice(2)` call.
 //!
-//! Each direction starts in *copy mode*: `read` into a 4 KiB buffer and
-//! `write`. For the small messages of an interactive session (DCV input
-//! events, WebSocket keepalives) two plain syscalls are cheaper than two
-//! `splice` calls through a pipe. When a read fills the whole buffer, bulk
-//! data is flowing (a video frame): the direction switches to *splice mode*,
-//! making a pipe (sized with `F_SETPIPE_SZ`) and moving bytes
-//! socket → pipe → socket without copying them through userspace. After
-//! [`BACK_TO_COPY`] short splices in a row it returns to copy mode and closes
-//! the pipe, so quiet connections hold no pipe fds.
-//!
-//! In splice mode a pump reads only when its pipe is empty and drains it
-//! fully before reading again, so `EAGAIN` on the read side always means
-//! "socket not readable" and on the write side "socket not writable", never
-//! "pipe full/empty". If no pipe can be made (fd exhaustion) or the kernel
-//! refuses to splice these sockets, the direction stays in copy mode.
+//! Each direction starts in *copy mode*: `read` up to 4 KiB into the
+//! worker thread's scratch buffer and `write` it at once (see
+//! [`super::copy`]; an idle connection holds no buffer). For the small
+//! messages of an interactive session (DCV input events, WebSocket
+//! keepalives) two plain syscalls are cheaper than two `splice` calls
+//! through a pipe. When a read fills the whole buffer, bulk data is flowing
+//! (a video frame): the direction switches to *splice mode*, making a pipe
+//! (sized with `F_SETPIPE_SZ`) and moving bytes socket → pipe → socket
+//! without copying them through userspace. After [`BACK_TO_COPY`] short
+//! splices in a row it returns to copy mode and closes the pipe, so quiet
+//! connections hold no pipe fds. If no pipe can be made (fd exhaustion) or
+//! the kernel refuses to splice these sockets, the direction stays in copy
+//! mode. The state machine is [`super::pump`].
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
-use tokio::io::Interest;
-use tokio::net::TcpStream;
 
-use super::{copy, shutdown_write, PumpError, Side};
-
-/// Copy-mode buffer. A read that fills it switches to splice mode.
-const SMALL: usize = 4096;
+/// Copy-mode read size. A read that fills it switches to splice mode.
+pub(super) const SMALL: usize = 4096;
 /// Consecutive splices shorter than the 4 KiB copy buffer that return to
 /// copy mode.
 pub const BACK_TO_COPY: u32 = 8;
+
+/// The pipe size tried when the configured one is refused.
+const FALLBACK_PIPE: usize = 256 * 1024;
+
+/// Smallest pipe worth splicing through.
+const MIN_PIPE: usize = 64 * 1024;
 
 /// Pipes that may still be made, process-wide (see [`set_pipe_budget`]).
 static PIPES_FREE: AtomicUsize = AtomicUsize::new(usize::MAX);
@@ -44,9 +45,9 @@ pub fn set_pipe_budget(pipes: usize) {
 }
 
 /// A pipe: (read end, write end).
-struct Pipe {
-    read: OwnedFd,
-    write: OwnedFd,
+pub(super) struct Pipe {
+    pub(super) read: OwnedFd,
+    pub(super) write: OwnedFd,
 }
 
 impl Drop for Pipe {
@@ -56,7 +57,8 @@ impl Drop for Pipe {
 }
 
 impl Pipe {
-    fn new(size: usize) -> io::Result<Pipe> {
+    /// A pipe of about `size` bytes, if the budget and the kernel allow.
+    pub(super) fn new(size: usize) -> io::Result<Pipe> {
         PIPES_FREE
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
             .map_err(|_| io::Error::from_raw_os_error(Errno::EMFILE as i32))?;
@@ -67,17 +69,27 @@ impl Pipe {
                 return Err(e.into());
             }
         };
-        // Larger pipes move more per syscall. A size above the system's
-        // fs.pipe-max-size fails with EPERM; the default size still works.
-        let _ = fcntl(
-            &write,
-            FcntlArg::F_SETPIPE_SZ(size.min(i32::MAX as usize) as i32),
-        );
+        // Larger pipes move more per syscall. A size above fs.pipe-max-size
+        // fails with EPERM, and so does any growth once the user's pipes
+        // pass fs.pipe-user-pages-soft (64 MiB by default): then a smaller
+        // size is tried. A pipe that stays under MIN_PIPE is not worth
+        // splicing through; the direction copies instead.
+        for want in [size, FALLBACK_PIPE.min(size)] {
+            let want = i32::try_from(want).unwrap_or(i32::MAX);
+            if fcntl(&write, FcntlArg::F_SETPIPE_SZ(want)).is_ok() {
+                break;
+            }
+        }
+        let got = fcntl(&write, FcntlArg::F_GETPIPE_SZ).unwrap_or(0);
+        if usize::try_from(got).unwrap_or(0) < MIN_PIPE {
+            return Err(io::Error::from_raw_os_error(Errno::EPERM as i32));
+        }
         Ok(Pipe { read, write })
     }
 }
 
-fn splice_once(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
+/// One non-blocking splice of at most `len` bytes.
+pub(super) fn splice_once(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
     splice(
         from,
         None,
@@ -87,92 +99,4 @@ fn splice_once(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> 
         SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE,
     )
     .map_err(io::Error::from)
-}
-
-/// Move `src` → `dst` until EOF, then shut down writing on `dst`.
-pub async fn pump(
-    src: &TcpStream,
-    dst: &TcpStream,
-    (from, to): (Side, Side),
-    pipe_size: usize,
-    count: &AtomicU64,
-) -> Result<(), PumpError> {
-    let read_err = |source| PumpError::Read { side: from, source };
-    let write_err = |source| PumpError::Write { side: to, source };
-    let mut buf: Vec<u8> = Vec::new();
-    let mut pipe: Option<Pipe> = None;
-    let mut can_splice = true;
-    let mut short = 0u32;
-    loop {
-        let Some(p) = &pipe else {
-            // Copy mode.
-            src.readable().await.map_err(read_err)?;
-            if buf.is_empty() {
-                buf = vec![0u8; SMALL];
-            }
-            let n = match src.try_read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(read_err(e)),
-            };
-            copy::write_all(dst, &buf[..n], count)
-                .await
-                .map_err(write_err)?;
-            if n == SMALL && can_splice {
-                // Out of fds: keep copying; retry at the next full read.
-                if let Ok(p) = Pipe::new(pipe_size) {
-                    pipe = Some(p);
-                    short = 0;
-                }
-            }
-            continue;
-        };
-        // Splice mode.
-        let n = loop {
-            match src.try_io(Interest::READABLE, || splice_once(src, &p.write, pipe_size)) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    src.readable().await.map_err(read_err)?
-                }
-                Err(e) if e.raw_os_error() == Some(Errno::EINVAL as i32) => {
-                    // These sockets cannot be spliced: copy from now on.
-                    can_splice = false;
-                    break usize::MAX;
-                }
-                Err(e) => return Err(read_err(e)),
-            }
-        };
-        if n == usize::MAX {
-            pipe = None;
-            continue;
-        }
-        if n == 0 {
-            break;
-        }
-        let mut left = n;
-        while left > 0 {
-            match dst.try_io(Interest::WRITABLE, || splice_once(&p.read, dst, left)) {
-                Ok(m) => {
-                    left -= m;
-                    count.fetch_add(m as u64, Ordering::Relaxed);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    dst.writable().await.map_err(write_err)?
-                }
-                Err(e) => return Err(write_err(e)),
-            }
-        }
-        if n < SMALL {
-            short += 1;
-            if short >= BACK_TO_COPY {
-                // The pipe is empty: close it and go back to copy mode.
-                pipe = None;
-            }
-        } else {
-            short = 0;
-        }
-    }
-    shutdown_write(dst);
-    Ok(())
 }
