@@ -7,6 +7,7 @@
 #   bench/run.sh --quick    # under 2 minutes
 #   bench/run.sh --smoke    # tiny counts (CI)
 #   bench/run.sh terminate  # terminate mode against nginx https (same options)
+#   bench/run.sh idle       # memory per idle connection (see bench/README.md)
 #
 # Extra arguments go to `splicegate-bench suite`. Results: target/bench/<timestamp>/,
 # or --out bench/results/NAME for a run the docs cite (committed).
@@ -32,9 +33,13 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 cargo build --release -p splicegate -p splicegate-bench
+# The io_uring engines are measured from a binary built with the `uring`
+# feature, beside the shipped one.
+case " $* " in
+  *uring*) cargo build --release -p splicegate --features uring --target-dir target/uring ;;
+esac
 suite=suite
-if [ "${1:-}" = terminate ]; then
-  suite=terminate
-  shift
-fi
+case "${1:-}" in
+  terminate|idle) suite=$1; shift ;;
+esac
 exec target/release/splicegate-bench "$suite" "$@"

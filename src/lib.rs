@@ -23,7 +23,8 @@
 //! spawns and drains; [`admin`] serves health and metrics; [`notify`] talks
 //! to systemd; [`demo`] runs the proxy against loopback agents.
 
-#![forbid(unsafe_code)]
+#![cfg_attr(not(feature = "uring"), forbid(unsafe_code))]
+#![cfg_attr(feature = "uring", deny(unsafe_code))]
 #![warn(missing_docs)]
 
 pub mod admin;

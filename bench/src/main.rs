@@ -120,7 +120,7 @@ impl Params {
                 mode,
                 setup_conns: 200,
                 rtt_rounds: 20_000,
-                concurrent_conns: 16,
+                concurrent_conns: 50,
                 concurrent_secs: 5.0,
                 bulk_bytes: 1 << 30,
                 raw_bulk_bytes: 4 << 30,
@@ -234,6 +234,8 @@ fn parse_targets(list: &str) -> Result<Vec<Kind>, String> {
             "splicegate-copy" => Ok(Kind::Splicegate("copy")),
             "splicegate-splice-64k" => Ok(Kind::Splicegate("splice-64k")),
             "splicegate-splice-1m" => Ok(Kind::Splicegate("splice-1m")),
+            "splicegate-uring" => Ok(Kind::Splicegate("uring")),
+            "splicegate-uring-splice" => Ok(Kind::Splicegate("uring-splice")),
             "haproxy" => Ok(Kind::Haproxy("")),
             "haproxy-splice-auto" => Ok(Kind::Haproxy("option splice-auto")),
             "haproxy-splice" => Ok(Kind::Haproxy(

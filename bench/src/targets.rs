@@ -166,6 +166,18 @@ pub fn start(
                 "splice-1m" => ("splice", Some(1 << 20)),
                 e => (e, None),
             };
+            // The io_uring engines need a binary built with the `uring`
+            // feature (bench/run.sh builds it beside the default one).
+            let uring_bin;
+            let splicegate = if engine.starts_with("uring") {
+                uring_bin = std::env::var_os("SPLICEGATE_URING").map_or_else(
+                    || PathBuf::from("target/uring/release/splicegate"),
+                    PathBuf::from,
+                );
+                uring_bin.as_path()
+            } else {
+                splicegate
+            };
             let mut cfg = format!("[[listener]]\nbind = \"127.0.0.1:0\"\nengine = \"{engine}\"\n");
             if let Some(p) = pipe {
                 cfg.push_str(&format!("pipe_size = {p}\n"));

@@ -15,6 +15,7 @@ use super::{AdminConfig, Config, ConfigError, DEFAULT_ADMIN_CONNECTIONS, DEFAULT
 use super::{MAX_CONNECTIONS, MAX_WEIGHT};
 use crate::cidr::Cidr;
 use crate::context::{CertFiles, ListenerConfig, TerminateConfig};
+use crate::forward::Engine;
 use crate::limits::Caps;
 use crate::net::{Keepalive, DEFAULT_KEEPALIVE};
 use crate::proxy_protocol::Mode as ProxyMode;
@@ -168,6 +169,12 @@ fn listener(src: &Src<'_>, i: usize, l: ListenerSection) -> Result<ListenerConfi
     }
     set(&mut lc.reuse_port, l.reuse_port);
     set(&mut lc.engine, l.engine);
+    if matches!(lc.engine, Engine::Uring | Engine::UringSplice) && !cfg!(feature = "uring") {
+        return Err(src.whole(format!(
+            "listener {name}: engine `{}` needs a splicegate built with the `uring` feature",
+            lc.engine
+        )));
+    }
     if let Some(p) = &l.pipe_size {
         lc.pipe_size = within(p, "pipe_size", 4096, 1 << 20).map_err(range)?;
     }

@@ -25,6 +25,8 @@
 pub mod copy;
 mod pump;
 pub mod splice;
+#[cfg(feature = "uring")]
+mod uring;
 
 use std::fmt;
 use std::future::Future;
@@ -48,6 +50,11 @@ pub enum Engine {
     Splice,
     /// Userspace copy through a buffer per direction.
     Copy,
+    /// io_uring receive/send (built with the `uring` feature only).
+    Uring,
+    /// io_uring splice through a pipe per direction (`uring` feature only).
+    #[serde(rename = "uring-splice")]
+    UringSplice,
 }
 
 impl std::str::FromStr for Engine {
@@ -57,6 +64,8 @@ impl std::str::FromStr for Engine {
         match s {
             "splice" => Ok(Engine::Splice),
             "copy" => Ok(Engine::Copy),
+            "uring" => Ok(Engine::Uring),
+            "uring-splice" => Ok(Engine::UringSplice),
             other => Err(format!("`{other}` is not an engine: splice or copy")),
         }
     }
@@ -67,6 +76,8 @@ impl fmt::Display for Engine {
         f.write_str(match self {
             Engine::Splice => "splice",
             Engine::Copy => "copy",
+            Engine::Uring => "uring",
+            Engine::UringSplice => "uring-splice",
         })
     }
 }
@@ -174,8 +185,12 @@ pub async fn run(
     agent: &TcpStream,
     opts: Options,
     drain: &mut watch::Receiver<bool>,
-    counters: &Counters,
+    counters: &std::sync::Arc<Counters>,
 ) -> End {
+    #[cfg(feature = "uring")]
+    if matches!(opts.engine, Engine::Uring | Engine::UringSplice) {
+        return uring::run(client, agent, opts, drain, counters).await;
+    }
     let (up_count, down_count) = (&counters.to_agent, &counters.to_client);
     let mut up = pump::Pump::new(client, agent, (Side::Client, Side::Agent), up_count, opts);
     let mut down = pump::Pump::new(agent, client, (Side::Agent, Side::Client), down_count, opts);
