@@ -137,7 +137,7 @@ impl ListenerConfig {
             backlog: 1024,
             reuse_port: false,
             engine: Engine::Splice,
-            pipe_size: 1 << 20,
+            pipe_size: 256 * 1024,
             hello_timeout: Duration::from_secs(10),
             hello_max_bytes: 16 * 1024,
             connect_timeout: Duration::from_secs(5),

@@ -104,8 +104,11 @@ pub struct FdBudget {
     /// start (listeners, the runtime, stdio) and a margin for the admin
     /// listener, health checks and name resolution.
     pub reserved: u64,
-    /// Connections open at once: 2 descriptors each.
+    /// Connections open at once.
     pub connections: usize,
+    /// Descriptors each connection holds (2, more for the io_uring
+    /// engines).
+    pub per_connection: u64,
     /// Splice pipes that may exist at once: 2 descriptors each. A
     /// direction that finds none free keeps copying through userspace.
     pub pipes: usize,
@@ -116,22 +119,31 @@ const MARGIN: u64 = 16;
 
 impl FdBudget {
     /// Split `limit` descriptors, `reserved` of them kept aside, between
-    /// connections (2 each) and pipes (2 each). Without a configured cap,
-    /// connections get 2.5 descriptors' worth each — one pipe per four
-    /// connections, HAProxy's default `maxpipes` ratio; with one, the cap
-    /// is honoured as far as the limit allows and pipes get the rest.
-    pub fn split(limit: u64, reserved: u64, configured: Option<usize>) -> FdBudget {
+    /// connections (`per_connection` each, at least 2) and pipes (2
+    /// each). Without a configured cap, connections get half a pipe's
+    /// worth more each — one pipe per four connections, HAProxy's default
+    /// `maxpipes` ratio; with one, the cap is honoured as far as the limit
+    /// allows and pipes get the rest.
+    pub fn split(
+        limit: u64,
+        reserved: u64,
+        configured: Option<usize>,
+        per_connection: u64,
+    ) -> FdBudget {
         let avail = usize::try_from(limit.saturating_sub(reserved)).unwrap_or(usize::MAX);
+        let per = usize::try_from(per_connection.max(2)).unwrap_or(usize::MAX);
         let connections = match configured {
-            Some(m) => m.min(avail / 2),
-            None => avail / 5 * 2,
+            Some(m) => m.min(avail / per),
+            // avail / (per + 0.5)
+            None => avail.saturating_mul(2) / per.saturating_mul(2).saturating_add(1),
         }
         .max(1);
-        let pipes = avail.saturating_sub(connections.saturating_mul(2)) / 2;
+        let pipes = avail.saturating_sub(connections.saturating_mul(per)) / 2;
         FdBudget {
             limit,
             reserved,
             connections,
+            per_connection: per as u64,
             pipes,
         }
     }
@@ -139,7 +151,7 @@ impl FdBudget {
     /// Raise the soft `RLIMIT_NOFILE` to the hard limit, count the
     /// descriptors open now, and split the rest. `extra` is kept aside too
     /// (admin connections, health checks).
-    pub fn measure(configured: Option<usize>, extra: u64) -> FdBudget {
+    pub fn measure(configured: Option<usize>, extra: u64, per_connection: u64) -> FdBudget {
         use nix::sys::resource::{getrlimit, setrlimit, Resource, RLIM_INFINITY};
         let limit = match getrlimit(Resource::RLIMIT_NOFILE) {
             Ok((soft, hard)) => {
@@ -165,7 +177,7 @@ impl FdBudget {
         let open = std::fs::read_dir("/proc/self/fd")
             .map(|d| d.count().saturating_sub(1) as u64)
             .unwrap_or(64);
-        FdBudget::split(limit, open + MARGIN + extra, configured)
+        FdBudget::split(limit, open + MARGIN + extra, configured, per_connection)
     }
 }
 
@@ -175,18 +187,24 @@ mod tests {
 
     #[test]
     fn connections_and_pipes_fit_the_limit() {
-        for (limit, reserved, configured) in [
-            (64, 31, None),
-            (64, 31, Some(1000)),
-            (1 << 20, 40, None),
-            (1 << 20, 40, Some(100)),
-            (10, 40, None),
+        for (limit, reserved, configured, per) in [
+            (64, 31, None, 2),
+            (64, 31, Some(1000), 2),
+            (1 << 20, 40, None, 2),
+            (1 << 20, 40, Some(100), 2),
+            (10, 40, None, 2),
+            (20_000, 40, None, 4),
+            (20_000, 40, Some(7000), 4),
+            (20_000, 40, Some(7000), 8),
+            (20_000, 40, None, 0),
         ] {
-            let b = FdBudget::split(limit, reserved, configured);
+            let b = FdBudget::split(limit, reserved, configured, per);
             assert!(b.connections >= 1);
+            assert_eq!(b.per_connection, per.max(2));
             if limit > reserved {
                 assert!(
-                    2 * (b.connections + b.pipes) as u64 <= limit - reserved,
+                    b.connections as u64 * b.per_connection + 2 * b.pipes as u64
+                        <= limit - reserved,
                     "{b:?}"
                 );
             }
@@ -194,7 +212,12 @@ mod tests {
                 assert!(b.connections <= m);
             }
         }
-        let b = FdBudget::split(1 << 20, 40, None);
-        assert!(b.pipes.abs_diff(b.connections / 4) <= 1, "{b:?}");
+        for per in [2, 4, 8] {
+            let b = FdBudget::split(1 << 20, 40, None, per);
+            assert!(b.pipes.abs_diff(b.connections / 4) <= 1, "{b:?}");
+        }
+        // An io_uring engine's connections take more descriptors each.
+        let b = FdBudget::split(20_000, 40, Some(7000), 4);
+        assert_eq!(b.connections, 4990);
     }
 }

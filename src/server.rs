@@ -68,7 +68,13 @@ fn admission(config: &Config) -> Caps {
     let health_checks: usize = config.pools.iter().map(|p| p.agents.len()).sum();
     let extra = if config.admin.is_some() { 8 } else { 0 } + health_checks as u64;
     let configured = config.limits.max_connections;
-    let budget = FdBudget::measure(configured, extra);
+    let per_connection = config
+        .listeners
+        .iter()
+        .map(|l| l.engine.fds_per_connection())
+        .max()
+        .unwrap_or(2);
+    let budget = FdBudget::measure(configured, extra, per_connection);
     crate::forward::splice::set_pipe_budget(budget.pipes);
     tracing::info!(
         event = "capacity",
@@ -76,8 +82,9 @@ fn admission(config: &Config) -> Caps {
         reserved = budget.reserved,
         connections = budget.connections,
         pipes = budget.pipes,
-        "file descriptors allow {} connections at once (2 each) and {} splice pipes",
+        "file descriptors allow {} connections at once ({} each) and {} splice pipes",
         budget.connections,
+        budget.per_connection,
         budget.pipes
     );
     if let Some(m) = configured.filter(|&m| m > budget.connections) {

@@ -35,6 +35,8 @@ cargo clippy --workspace --all-targets -- -D warnings
 # the benchmark measures it against the splice engine.
 cargo clippy -p splicegate --features uring --lib -- -D warnings
 cargo test --workspace --all-targets
+# Public items are documented and every intra-doc link resolves.
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p splicegate
 
 # Every parser of network bytes has a cargo-fuzz target: a short run of
 # each (nightly toolchain; installs cargo-fuzz if missing). Long runs and

@@ -73,32 +73,83 @@ fn slab_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// Open `n` connections to `addr` with `sni`, 64 at a time; each sends
-/// its hello and echoes one byte.
+/// Connections per client source address: 127.0.0.2 for the first
+/// 20,000, then 127.0.0.3, and so on (loopback answers for all of
+/// 127.0.0.0/8), well under the ~28,000 ephemeral ports a source has.
+/// 127.0.0.1 is left to the proxies' own connections to the agents.
+const PER_SOURCE: u32 = 20_000;
+
+/// The client source address of connection `i`.
+fn source(i: u32) -> std::net::IpAddr {
+    let k = i / PER_SOURCE + 2;
+    // Past 127.0.255.255 sizes are far beyond any fd limit; saturate.
+    let k = k.min(0xFFFF) as u16;
+    std::net::Ipv4Addr::new(127, 0, (k >> 8) as u8, k as u8).into()
+}
+
+/// Open `n` connections to `addr` with `sni`, 64 at a time, spread over
+/// client source addresses ([`source`]); each sends its hello and echoes
+/// one byte. Stops at the first connection that fails.
 async fn open(addr: std::net::SocketAddr, sni: &str, n: u32) -> std::io::Result<Vec<TcpStream>> {
     let gate = Arc::new(Semaphore::new(64));
+    let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tasks = Vec::with_capacity(n as usize);
-    for _ in 0..n {
+    for i in 0..n {
         let permit = Arc::clone(&gate).acquire_owned().await.expect("open gate");
-        let sni = sni.to_owned();
+        if failed.load(std::sync::atomic::Ordering::Relaxed) {
+            break;
+        }
+        let (sni, failed) = (sni.to_owned(), Arc::clone(&failed));
         tasks.push(tokio::spawn(async move {
-            let mut s = load::raw_open(addr, &sni).await?;
-            s.write_all(b"Ex").await?;
-            let mut b = [0u8; 1];
-            s.read_exact(&mut b).await?;
+            // A target that stops accepting (at its connection cap) leaves
+            // the connection in its backlog: bound the wait.
+            let one = async {
+                let mut s = load::raw_open_from(Some(source(i)), addr, &sni).await?;
+                s.write_all(b"Ex").await?;
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b).await?;
+                Ok::<_, std::io::Error>(s)
+            };
+            let r = match tokio::time::timeout(OPEN_TIMEOUT, one).await {
+                Ok(r) => r,
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("connection {i} not echoed within {OPEN_TIMEOUT:?}"),
+                )),
+            };
+            if r.is_err() {
+                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             drop(permit);
-            Ok::<_, std::io::Error>(s)
+            r
         }));
     }
     let mut held = Vec::with_capacity(n as usize);
+    let mut first_error = None;
     for t in tasks {
-        held.push(t.await.map_err(std::io::Error::other)??);
+        match t.await.map_err(std::io::Error::other).and_then(|r| r) {
+            Ok(s) => held.push(s),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
     }
-    Ok(held)
+    match first_error {
+        Some(e) => Err(std::io::Error::new(
+            e.kind(),
+            format!("{} of {n} open: {e}", held.len()),
+        )),
+        None => Ok(held),
+    }
 }
 
-/// How many of `held` still echo a byte.
+/// How long one connection may take to open and echo.
+const OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How many of `held` still echo a byte, one after the other, all within
+/// 30 s (a loopback echo takes well under a millisecond).
 async fn echoing(held: &mut [TcpStream]) -> u32 {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     let mut ok = 0;
     for s in held.iter_mut() {
         let mut b = [0u8; 1];
@@ -106,10 +157,7 @@ async fn echoing(held: &mut [TcpStream]) -> u32 {
             s.write_all(b"y").await?;
             s.read_exact(&mut b).await
         };
-        if matches!(
-            tokio::time::timeout(std::time::Duration::from_secs(5), round).await,
-            Ok(Ok(_))
-        ) {
+        if matches!(tokio::time::timeout_at(deadline, round).await, Ok(Ok(_))) {
             ok += 1;
         }
     }
@@ -322,4 +370,20 @@ fn report(samples: &[Sample], sizes: &[u32], args: &IdleArgs) -> String {
         );
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_spread_over_loopback() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert_eq!(source(0), ip("127.0.0.2"));
+        assert_eq!(source(PER_SOURCE - 1), ip("127.0.0.2"));
+        assert_eq!(source(PER_SOURCE), ip("127.0.0.3"));
+        assert_eq!(source(100_000), ip("127.0.0.7"));
+        assert_eq!(source(PER_SOURCE * 300), ip("127.0.1.46"));
+        assert_eq!(source(u32::MAX), ip("127.0.255.255"));
+    }
 }

@@ -81,7 +81,36 @@ pub async fn tls_open(
 
 /// Open a raw connection: a real ClientHello with SNI `sni`, then plain bytes.
 pub async fn raw_open(addr: SocketAddr, sni: &str) -> io::Result<TcpStream> {
-    let mut s = TcpStream::connect(addr).await?;
+    raw_open_from(None, addr, sni).await
+}
+
+/// [`raw_open`] from a chosen loopback source address (the idle mode
+/// spreads many connections over several, so ephemeral ports do not run
+/// out at about 28,000 per source and destination).
+pub async fn raw_open_from(
+    source: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+    sni: &str,
+) -> io::Result<TcpStream> {
+    let mut s = match source {
+        None => TcpStream::connect(addr).await?,
+        Some(ip) => {
+            let sock = if ip.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            // Take the port at connect time, where a port only needs a
+            // unique 4-tuple (and TIME_WAIT ones are reused), not at bind.
+            nix::sys::socket::setsockopt(
+                &sock,
+                nix::sys::socket::sockopt::IpBindAddressNoPort,
+                &true,
+            )?;
+            sock.bind(SocketAddr::new(ip, 0))?;
+            sock.connect(addr).await?
+        }
+    };
     s.set_nodelay(true)?;
     s.write_all(&client_hello(Some(sni), &[], 1 << 14)).await?;
     Ok(s)

@@ -233,6 +233,7 @@ fn parse_targets(list: &str) -> Result<Vec<Kind>, String> {
             "splicegate-splice" => Ok(Kind::Splicegate("splice")),
             "splicegate-copy" => Ok(Kind::Splicegate("copy")),
             "splicegate-splice-64k" => Ok(Kind::Splicegate("splice-64k")),
+            "splicegate-splice-256k" => Ok(Kind::Splicegate("splice-256k")),
             "splicegate-splice-1m" => Ok(Kind::Splicegate("splice-1m")),
             "splicegate-uring" => Ok(Kind::Splicegate("uring")),
             "splicegate-uring-splice" => Ok(Kind::Splicegate("uring-splice")),

@@ -160,9 +160,10 @@ pub fn start(
         Kind::Direct => return Ok(running),
         Kind::Splicegate(variant) => {
             // `splice`, `copy`, or the splice engine with another pipe
-            // size: `splice-64k`, `splice-1m`.
+            // size: `splice-64k`, `splice-256k` (the default), `splice-1m`.
             let (engine, pipe) = match *variant {
                 "splice-64k" => ("splice", Some(64 * 1024)),
+                "splice-256k" => ("splice", Some(256 * 1024)),
                 "splice-1m" => ("splice", Some(1 << 20)),
                 e => (e, None),
             };

@@ -2,7 +2,7 @@
 //! messages: read into a buffer, write it out. Each chunk is copied twice
 //! (kernel → buffer → kernel).
 //!
-//! The buffer is not the connection's: [`relay`] reads into a scratch
+//! The buffer is not the connection's: `relay` reads into a scratch
 //! buffer of the worker thread and writes it out before returning, so an
 //! idle connection holds no buffer at all. Only bytes the destination
 //! cannot take at once (its socket buffer is full) are kept, in a buffer

@@ -82,6 +82,21 @@ impl fmt::Display for Engine {
     }
 }
 
+impl Engine {
+    /// File descriptors a connection forwarded by this engine holds for
+    /// its life: its two sockets, and for the io_uring engines a duplicate
+    /// of each (the ring owns its own) and, with splice, a pipe per
+    /// direction. The splice engine's pipes exist only while bulk data
+    /// flows and are budgeted apart.
+    pub fn fds_per_connection(self) -> u64 {
+        match self {
+            Engine::Splice | Engine::Copy => 2,
+            Engine::Uring => 4,
+            Engine::UringSplice => 8,
+        }
+    }
+}
+
 /// Forwarding parameters for one connection.
 #[derive(Debug, Clone, Copy)]
 pub struct Options {

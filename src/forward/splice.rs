@@ -13,7 +13,7 @@
 //! splices in a row it returns to copy mode and closes the pipe, so quiet
 //! connections hold no pipe fds. If no pipe can be made (fd exhaustion) or
 //! the kernel refuses to splice these sockets, the direction stays in copy
-//! mode. The state machine is [`super::pump`].
+//! mode. The state machine is `forward::pump`.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -28,7 +28,7 @@ pub(super) const SMALL: usize = 4096;
 /// copy mode.
 pub const BACK_TO_COPY: u32 = 8;
 
-/// The pipe size tried when the configured one is refused.
+/// The pipe size tried when a larger configured one is refused.
 const FALLBACK_PIPE: usize = 256 * 1024;
 
 /// Smallest pipe worth splicing through.
@@ -74,11 +74,12 @@ impl Pipe {
         // pass fs.pipe-user-pages-soft (64 MiB by default): then a smaller
         // size is tried. A pipe that stays under MIN_PIPE is not worth
         // splicing through; the direction copies instead.
-        for want in [size, FALLBACK_PIPE.min(size)] {
+        let set = |want: usize| {
             let want = i32::try_from(want).unwrap_or(i32::MAX);
-            if fcntl(&write, FcntlArg::F_SETPIPE_SZ(want)).is_ok() {
-                break;
-            }
+            fcntl(&write, FcntlArg::F_SETPIPE_SZ(want)).is_ok()
+        };
+        if !set(size) && FALLBACK_PIPE < size {
+            set(FALLBACK_PIPE);
         }
         let got = fcntl(&write, FcntlArg::F_GETPIPE_SZ).unwrap_or(0);
         if usize::try_from(got).unwrap_or(0) < MIN_PIPE {
