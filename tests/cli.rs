@@ -4,7 +4,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{bin, tempfile_lite::TempFile, Proxy};
+use common::{alpha_agent, bin, tempfile_lite::TempFile, Proxy};
 use nix::sys::signal::Signal;
 use splicegate::testkit::{client_config, greet, identity, server_config, Agent};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -269,14 +269,7 @@ fn demo_drains_on_sigterm_like_on_ctrl_c() {
 }
 
 async fn agent_and_proxy(drain: &str) -> (Agent, splicegate::testkit::Identity, Proxy) {
-    let id = identity(&["alpha.test"]).unwrap();
-    let agent = Agent::spawn(
-        "alpha",
-        server_config(&id).unwrap(),
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let (id, agent) = alpha_agent().await;
     let cfg = format!(
         "[[listener]]\nbind = \"127.0.0.1:0\"\n[[route]]\nsni = \"alpha.test\"\nagent = \"{}\"\n[shutdown]\ndrain_timeout = \"{drain}\"\n",
         agent.addr

@@ -6,20 +6,13 @@ mod common;
 
 use std::process::Command;
 
-use common::{Proxy, WAIT};
-use splicegate::testkit::{client_config, greet, identity, server_config, Agent};
+use common::{alpha_agent, Proxy, WAIT};
+use splicegate::testkit::{client_config, greet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_ulimit_64_sixty_waiting_clients_are_all_served() {
-    let id = identity(&["alpha.test"]).unwrap();
-    let agent = Agent::spawn(
-        "alpha",
-        server_config(&id).unwrap(),
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let (id, agent) = alpha_agent().await;
     let mut cmd = Command::new("sh");
     cmd.args(["-c", "ulimit -n 64 && exec \"$0\" \"$@\"", common::bin()])
         .args(["--log-format", "json", "run", "--listen", "127.0.0.1:0"])

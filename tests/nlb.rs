@@ -11,24 +11,10 @@ use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{curl, raw_client, tempfile_lite::TempFile, Proxy, WAIT};
+use common::{alpha_agent, curl, raw_client, tempfile_lite::TempFile, Proxy, WAIT};
 use nix::sys::signal::Signal;
-use splicegate::testkit::{
-    client_config, client_hello, greet, identity, server_config, Agent, Identity,
-};
+use splicegate::testkit::{client_config, client_hello, greet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-async fn alpha() -> (Identity, Agent) {
-    let id = identity(&["alpha.test"]).unwrap();
-    let agent = Agent::spawn(
-        "alpha",
-        server_config(&id).unwrap(),
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
-    (id, agent)
-}
 
 fn config(agent: SocketAddr, extra: &str) -> String {
     format!(
@@ -42,7 +28,7 @@ async fn drain_sequence_for_deregistration() {
     if !common::require_tool("curl", "--version") {
         return;
     }
-    let (id, agent) = alpha().await;
+    let (id, agent) = alpha_agent().await;
     let cfg = config(
         agent.addr,
         "[shutdown]\ndrain_grace = \"3s\"\ndrain_timeout = \"5m\"",
@@ -128,7 +114,7 @@ async fn metrics_are_scraped_and_parsed() {
     if !common::require_tool("curl", "--version") {
         return;
     }
-    let (id, agent) = alpha().await;
+    let (id, agent) = alpha_agent().await;
     let mut proxy = Proxy::start(Some(&config(agent.addr, "")), &[]);
     let header = |src: &str| {
         splicegate::proxy_protocol::encode_v2(
@@ -232,7 +218,7 @@ async fn metrics_are_scraped_and_parsed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn systemd_notifications_on_a_socket_the_test_owns() {
-    let (_, agent) = alpha().await;
+    let (_, agent) = alpha_agent().await;
     let sock_path =
         std::env::temp_dir().join(format!("splicegate-notify-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&sock_path);
@@ -313,7 +299,7 @@ async fn haproxy_send_proxy_v2_in_front() {
     if !common::require_tool("haproxy", "-v") {
         return;
     }
-    let (id, agent) = alpha().await;
+    let (id, agent) = alpha_agent().await;
     let mut proxy = Proxy::start(Some(&config(agent.addr, "")), &[]);
     // A port that was free a moment ago, for HAProxy's frontend.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -546,7 +532,7 @@ async fn local_health_probe_on_a_vpce_restricted_listener() {
     if !common::require_tool("curl", "--version") {
         return;
     }
-    let (_, agent) = alpha().await;
+    let (_, agent) = alpha_agent().await;
     let cfg = config(agent.addr, "").replace(
         "proxy_trusted = [\"127.0.0.1/32\"]",
         "proxy_trusted = [\"127.0.0.1/32\"]\nallowed_vpce = [\"vpce-0allowed\"]",

@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 
-use common::{tempfile_lite::TempFile, Proxy, WAIT};
-use splicegate::testkit::{client_config, identity, server_config, Agent};
+use common::{alpha_agent, tempfile_lite::TempFile, Proxy, WAIT};
+use splicegate::testkit::{client_config, identity};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn have_openssl() -> bool {
@@ -71,14 +71,7 @@ async fn openssl_s_client_through_the_proxy_verifies_the_agent() {
     if !have_openssl() {
         return;
     }
-    let id = identity(&["alpha.test"]).unwrap();
-    let agent = Agent::spawn(
-        "alpha",
-        server_config(&id).unwrap(),
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let (id, agent) = alpha_agent().await;
     let mut proxy = Proxy::start(
         None,
         &[

@@ -382,3 +382,18 @@ pub fn curl_tls_in(prefix: &[&str], cacert: &Path, urls: &[String]) -> Vec<(u16,
     );
     res
 }
+
+/// The TLS agent most tests route to: `alpha`, with a certificate for
+/// `alpha.test`, on a free loopback port.
+pub async fn alpha_agent() -> (splicegate::testkit::Identity, splicegate::testkit::Agent) {
+    use splicegate::testkit::{identity, server_config, Agent};
+    let id = identity(&["alpha.test"]).unwrap();
+    let agent = Agent::spawn(
+        "alpha",
+        server_config(&id).unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    (id, agent)
+}
