@@ -8,9 +8,10 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # Real peers the tests drive: openssl (s_client / s_server), curl, HAProxy
 # (a real PROXY v2 sender), systemd-analyze (unit verification), iproute2
-# (network namespaces), Chromium (headless browser end to end).
+# (network namespaces), Chromium (headless browser end to end), Node.js (the
+# CDK example's synthesis runs on it).
 need=()
-for pkg_cmd in openssl:openssl curl:curl haproxy:haproxy systemd:systemd-analyze iproute2:ip chromium:chromium; do
+for pkg_cmd in openssl:openssl curl:curl haproxy:haproxy systemd:systemd-analyze iproute2:ip chromium:chromium nodejs:node; do
   pkg=${pkg_cmd%%:*}; cmd=${pkg_cmd##*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done
@@ -42,6 +43,11 @@ RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p splicegate
 # each (nightly toolchain; installs cargo-fuzz if missing). Long runs and
 # their figures: docs/fuzzing.md.
 fuzz/run.sh --time 15
+
+# The CDK deployment example: the synthesized template carries what
+# splicegate needs from the NLB, and the config its user data writes passes
+# `splicegate check` (pytest, no AWS account).
+deploy/cdk/test.sh
 
 # The benchmark harness must keep working: a smoke run with tiny counts
 # against every target installable here (no speed is asserted).
