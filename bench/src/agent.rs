@@ -93,7 +93,27 @@ async fn read_hello<S: AsyncRead + Unpin>(s: &mut S) -> Option<Vec<u8>> {
 }
 
 /// Serve the bench protocol on `s`, with `pending` already read.
-pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, name: &str, mut pending: Vec<u8>) {
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(s: S, name: &str, pending: Vec<u8>) {
+    serve_with(s, name, pending, None).await;
+}
+
+/// A reply held back once per connection (`agent --stall-at --stall-ms`):
+/// the first echo due `at` or later after the echo began waits `hold`.
+#[derive(Debug, Clone, Copy)]
+pub struct Stall {
+    /// Time into the echo after which the stall happens.
+    pub at: std::time::Duration,
+    /// How long the reply waits.
+    pub hold: std::time::Duration,
+}
+
+/// [`serve`], with an optional stall in the echo.
+pub async fn serve_with<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    name: &str,
+    mut pending: Vec<u8>,
+    mut stall: Option<Stall>,
+) {
     while pending.is_empty() {
         let mut b = [0u8; 64];
         match s.read(&mut b).await {
@@ -130,10 +150,15 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, name: &str, mut 
                 return;
             }
             let mut b = vec![0u8; 16 * 1024];
+            let began = std::time::Instant::now();
             loop {
                 match s.read(&mut b).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
+                        if let Some(st) = stall.filter(|st| began.elapsed() >= st.at) {
+                            tokio::time::sleep(st.hold).await;
+                            stall = None;
+                        }
                         if s.write_all(&b[..n]).await.is_err() {
                             break;
                         }

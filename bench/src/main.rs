@@ -5,6 +5,9 @@
 //! bench/run.sh --quick                # installs HAProxy and nginx, builds, runs
 //! splicegate-bench suite --smoke      # tiny counts, for CI
 //! splicegate-bench terminate --quick  # terminate mode against nginx https
+//! splicegate-bench agent --listen 0.0.0.0:9443 --self-signed agent.example
+//! splicegate-bench probe rtt --addr proxy:8443 --sni agent.example --ca agent.pem \
+//!     --compare agent:9443 --rate 2000
 //! ```
 //!
 //! Targets are interleaved per repeat (A B C A B C ...). Results go to
@@ -13,7 +16,9 @@
 mod agent;
 mod idle;
 mod load;
+mod probe;
 mod report;
+mod standalone;
 mod targets;
 mod terminate;
 
@@ -42,6 +47,12 @@ enum Cmd {
     Terminate(SuiteArgs),
     /// Memory per idle connection (user and kernel) at several sizes.
     Idle(idle::IdleArgs),
+    /// The echo/bulk agent on its own, for measuring a real path with
+    /// `probe` (TLS; WebSocket upgrade when the first bytes are `GET `).
+    Agent(standalone::AgentArgs),
+    /// Measure any address: an agent, a splicegate in front of it, an NLB
+    /// or endpoint in front of that; optionally against a second address.
+    Probe(probe::ProbeArgs),
 }
 
 #[derive(clap::Args, Clone)]
@@ -258,6 +269,8 @@ fn main() -> std::process::ExitCode {
         Cmd::Suite(a) => rt.block_on(suite(a, "passthrough")),
         Cmd::Terminate(a) => rt.block_on(suite(a, "terminate")),
         Cmd::Idle(a) => rt.block_on(idle::run(a)),
+        Cmd::Agent(a) => rt.block_on(standalone::run(a)),
+        Cmd::Probe(a) => return rt.block_on(probe::run(a)),
     };
     match result {
         Ok(clean) if clean => std::process::ExitCode::SUCCESS,

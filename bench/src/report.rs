@@ -203,8 +203,7 @@ pub fn markdown(results: &[TargetResult], p: &Params, command: &str, clean: bool
 /// Round-trip percentile curves (TLS rtt test, median per percentile over
 /// repeats), one line per target.
 pub fn svg(results: &[TargetResult]) -> String {
-    let (w, h, left, bottom, top, right) = (820.0, 480.0, 70.0, 50.0, 30.0, 200.0);
-    let curves: Vec<(&str, Vec<f64>)> = results
+    let curves: Vec<(String, Vec<f64>)> = results
         .iter()
         .filter_map(|t| {
             let runs: Vec<&Vec<f64>> = t
@@ -222,26 +221,61 @@ pub fn svg(results: &[TargetResult]) -> String {
                     v[v.len() / 2]
                 })
                 .collect();
-            Some((t.name.as_str(), med))
+            Some((t.name.clone(), med))
         })
         .collect();
-    let ymax = curves
-        .iter()
-        .flat_map(|(_, c)| c.iter().copied())
-        .fold(1.0_f64, f64::max)
-        * 1.1;
+    plot(
+        "64-byte TLS round trip through each target: latency by percentile",
+        &curves,
+        false,
+    )
+}
+
+/// A latency-by-percentile plot: one line per `(name, values at
+/// QUANTILES in µs)`, on a linear or logarithmic latency axis.
+pub fn plot(title: &str, curves: &[(String, Vec<f64>)], log: bool) -> String {
+    let (w, h, left, bottom, top, right) = (820.0, 480.0, 70.0, 50.0, 30.0, 200.0);
+    let values = || curves.iter().flat_map(|(_, c)| c.iter().copied());
+    let ymax = values().fold(1.0_f64, f64::max) * 1.1;
+    let ymin = if log {
+        // A decade boundary at or below the smallest value.
+        10f64.powf(values().fold(ymax, f64::min).max(0.1).log10().floor())
+    } else {
+        0.0
+    };
     let (pw, ph) = (w - left - right, h - top - bottom);
     let x = |i: usize| left + pw * i as f64 / (QUANTILES.len() - 1) as f64;
-    let y = |v: f64| top + ph * (1.0 - v / ymax);
+    let y = |v: f64| {
+        let f = if log {
+            (v.max(ymin).log10() - ymin.log10()) / (ymax.log10() - ymin.log10())
+        } else {
+            v / ymax
+        };
+        top + ph * (1.0 - f)
+    };
     let colors = [
         "#444444", "#d62728", "#ff7f0e", "#1f77b4", "#17becf", "#2ca02c", "#9467bd", "#8c564b",
     ];
     let mut o = String::new();
     let _ = writeln!(o, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">");
     let _ = writeln!(o, "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>");
-    let _ = writeln!(o, "<text x=\"{left}\" y=\"18\" font-size=\"14\">64-byte TLS round trip through each target: latency by percentile</text>");
-    for k in 0..=5 {
-        let v = ymax * f64::from(k) / 5.0;
+    let title = escape(title);
+    let _ = writeln!(
+        o,
+        "<text x=\"{left}\" y=\"18\" font-size=\"14\">{title}</text>"
+    );
+    let ticks: Vec<f64> = if log {
+        let mut t = Vec::new();
+        let mut v = ymin;
+        while v <= ymax {
+            t.push(v);
+            v *= 10.0;
+        }
+        t
+    } else {
+        (0..=5).map(|k| ymax * f64::from(k) / 5.0).collect()
+    };
+    for v in ticks {
         let (x2, yv, tx, ty) = (left + pw, y(v), left - 6.0, y(v) + 4.0);
         let _ = writeln!(
             o,
@@ -270,8 +304,16 @@ pub fn svg(results: &[TargetResult]) -> String {
             pts.join(" ")
         );
         let ly = top + 16.0 * n as f64 + 10.0;
+        let name = escape(name);
         let _ = writeln!(o, "<line x1=\"{0}\" x2=\"{1}\" y1=\"{ly}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"3\"/><text x=\"{2}\" y=\"{3}\">{name}</text>", w - right + 15.0, w - right + 35.0, w - right + 40.0, ly + 4.0);
     }
     let _ = writeln!(o, "</svg>");
     o
+}
+
+/// Text for an SVG text node (addresses and names come from the command line).
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
