@@ -456,16 +456,6 @@ fn failures_are_named_with_their_status_in_bounded_time() {
     assert_eq!(json(&out)["error"]["kind"], "timeout");
     assert!(took < Duration::from_secs(3), "{took:?}");
     drop(silent);
-
-    // Bad options: usage status, nothing measured.
-    let (out, _) = probe(
-        &bench,
-        &["bulk", "--addr", &pa, "--insecure", "--rate", "10"],
-    );
-    assert_eq!(out.status.code(), Some(64));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("--rate applies to rtt and rtt-concurrent")
-    );
 }
 
 /// A certificate for another name, to fail verification with.
