@@ -42,6 +42,7 @@ pub mod net;
 pub mod notify;
 pub mod outcome;
 pub mod proxy_protocol;
+pub mod quic;
 pub mod route;
 pub mod routing;
 pub mod server;
@@ -50,4 +51,5 @@ pub mod sniff;
 pub mod terminate;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
+pub mod udp;
 pub mod upstream;

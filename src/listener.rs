@@ -35,6 +35,11 @@ pub fn bind(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<std:
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// A new connection (or QUIC flow) id, unique in the process.
+pub fn next_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
 /// Accept until `stop` turns true, spawning one task per connection.
 pub async fn serve(
     listener: TcpListener,
@@ -64,7 +69,7 @@ pub async fn serve(
                     tracing::info!(event = "accept_recovered", listener = %ctx.config.name, "accepting again after resource exhaustion");
                     starved = false;
                 }
-                let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+                let id = next_id();
                 let guard = tracker.enter();
                 let (ctx, tls) = (Arc::clone(&ctx), tls.clone());
                 tokio::spawn(async move {

@@ -86,6 +86,10 @@ struct RunArgs {
     /// Listen address; replaces the file's listeners. Repeatable.
     #[arg(long)]
     listen: Vec<SocketAddr>,
+    /// UDP listen address for QUIC (DCV native clients); replaces the
+    /// file's UDP listeners. Repeatable.
+    #[arg(long)]
+    listen_udp: Vec<SocketAddr>,
     /// `HOST:PORT` sends every connection there; `PATTERN=HOST:PORT` adds a
     /// route for an SNI pattern (`agent1.example`, `*.dcv.example`);
     /// `/PREFIX/=HOST:PORT` a path route on terminate listeners.
@@ -226,6 +230,7 @@ fn load(args: &RunArgs) -> Result<Config, String> {
         args.engine.map(Engine::from),
         &tls,
     )?;
+    config.apply_cli_udp(&args.listen_udp);
     Ok(config)
 }
 

@@ -17,6 +17,7 @@ use hdrhistogram::Histogram;
 
 use crate::forward::Counters;
 use crate::outcome::Kind;
+use crate::udp::DatagramCounters;
 
 /// (listener, route, agent).
 type RouteKey = (String, String, String);
@@ -61,6 +62,12 @@ struct Inner {
     connect: Option<Hist>,
     hello_wait: Option<Hist>,
     live: HashMap<u64, (RouteKey, Arc<Counters>)>,
+    udp_active: BTreeMap<String, u64>,
+    udp_flows: BTreeMap<(String, &'static str), u64>,
+    udp_dropped: BTreeMap<(String, &'static str), u64>,
+    udp_datagrams: BTreeMap<RouteKey, [u64; 4]>,
+    udp_live: HashMap<u64, (RouteKey, Arc<DatagramCounters>)>,
+    quic_initial: BTreeMap<(String, &'static str), u64>,
 }
 
 /// The registry shared by listeners, connections and the admin listener.
@@ -139,6 +146,61 @@ impl Metrics {
         if let Some(a) = g.active.get_mut(listener) {
             *a = a.saturating_sub(1);
         }
+    }
+
+    /// What reading a new QUIC flow's Initial packets gave (`ok`, or an
+    /// [`crate::quic::InitialError`] kind, or `timeout`).
+    pub fn quic_initial(&self, listener: &str, outcome: &'static str) {
+        *self
+            .lock()
+            .quic_initial
+            .entry((listener.to_owned(), outcome))
+            .or_default() += 1;
+    }
+
+    /// A client datagram dropped without a flow to carry it (`draining`,
+    /// `flow_limit`, `client_limit`, `refused`, `truncated`).
+    pub fn udp_dropped(&self, listener: &str, reason: &'static str) {
+        *self
+            .lock()
+            .udp_dropped
+            .entry((listener.to_owned(), reason))
+            .or_default() += 1;
+    }
+
+    /// A QUIC flow was routed; its datagrams are counted live from
+    /// `counters` until [`Metrics::udp_flow_closed`].
+    pub fn udp_flow_started(&self, id: u64, key: RouteKey, counters: Arc<DatagramCounters>) {
+        let mut g = self.lock();
+        *g.udp_active.entry(key.0.clone()).or_default() += 1;
+        g.udp_live.insert(id, (key, counters));
+    }
+
+    /// A routed QUIC flow ended.
+    pub fn udp_flow_closed(&self, id: u64, listener: &str, outcome: Kind) {
+        let mut g = self.lock();
+        if let Some((key, c)) = g.udp_live.remove(&id) {
+            let snap = c.snapshot();
+            let d = g.udp_datagrams.entry(key).or_default();
+            for (total, v) in d.iter_mut().zip(snap) {
+                *total += v;
+            }
+        }
+        if let Some(a) = g.udp_active.get_mut(listener) {
+            *a = a.saturating_sub(1);
+        }
+        *g.udp_flows
+            .entry((listener.to_owned(), outcome.as_str()))
+            .or_default() += 1;
+    }
+
+    /// A QUIC flow was refused before any datagram reached an agent.
+    pub fn udp_flow_refused(&self, listener: &str, outcome: Kind) {
+        *self
+            .lock()
+            .udp_flows
+            .entry((listener.to_owned(), outcome.as_str()))
+            .or_default() += 1;
     }
 
     /// The Prometheus text exposition; `draining` is the drain state.
@@ -273,6 +335,9 @@ impl Metrics {
                 esc(l)
             );
         }
+        if !g.udp_flows.is_empty() || !g.udp_active.is_empty() || !g.quic_initial.is_empty() {
+            render_udp(o, &g);
+        }
         histogram(
             o,
             "splicegate_agent_connect_seconds",
@@ -286,6 +351,102 @@ impl Metrics {
             g.hello_wait.as_ref(),
         );
         out
+    }
+}
+
+/// The QUIC relay's series.
+fn render_udp(o: &mut String, g: &Inner) {
+    header(
+        o,
+        "splicegate_udp_flows_active",
+        "gauge",
+        "QUIC flows routed and relaying now.",
+    );
+    for (l, v) in &g.udp_active {
+        let _ = writeln!(
+            o,
+            "splicegate_udp_flows_active{{listener=\"{}\"}} {v}",
+            esc(l)
+        );
+    }
+    header(
+        o,
+        "splicegate_udp_flows_total",
+        "counter",
+        "QUIC flows ended, by outcome (refusals included).",
+    );
+    for ((l, oc), v) in &g.udp_flows {
+        let _ = writeln!(
+            o,
+            "splicegate_udp_flows_total{{listener=\"{}\",outcome=\"{oc}\"}} {v}",
+            esc(l)
+        );
+    }
+    header(
+        o,
+        "splicegate_udp_datagrams_dropped_total",
+        "counter",
+        "Client datagrams dropped without a flow to carry them, by reason.",
+    );
+    for ((l, r), v) in &g.udp_dropped {
+        let _ = writeln!(
+            o,
+            "splicegate_udp_datagrams_dropped_total{{listener=\"{}\",reason=\"{r}\"}} {v}",
+            esc(l)
+        );
+    }
+    header(
+        o,
+        "splicegate_quic_initial_total",
+        "counter",
+        "New QUIC flows by what their Initial packets gave.",
+    );
+    for ((l, oc), v) in &g.quic_initial {
+        let _ = writeln!(
+            o,
+            "splicegate_quic_initial_total{{listener=\"{}\",outcome=\"{oc}\"}} {v}",
+            esc(l)
+        );
+    }
+    let mut totals = g.udp_datagrams.clone();
+    for (key, c) in g.udp_live.values() {
+        let t = totals.entry(key.clone()).or_default();
+        for (total, v) in t.iter_mut().zip(c.snapshot()) {
+            *total += v;
+        }
+    }
+    for (i, (name, help)) in [
+        (
+            "splicegate_udp_datagrams_to_agent_total",
+            "Datagrams relayed to agents, live flows included.",
+        ),
+        (
+            "splicegate_udp_bytes_to_agent_total",
+            "Bytes relayed to agents in datagrams, live flows included.",
+        ),
+        (
+            "splicegate_udp_datagrams_to_client_total",
+            "Datagrams relayed to clients, live flows included.",
+        ),
+        (
+            "splicegate_udp_bytes_to_client_total",
+            "Bytes relayed to clients in datagrams, live flows included.",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        header(o, name, "counter", help);
+        for ((l, r, a), t) in &totals {
+            let _ = writeln!(
+                o,
+                "{name}{{listener=\"{}\",route=\"{}\",agent=\"{}\"}} {}",
+                esc(l),
+                esc(r),
+                esc(a),
+                t[i]
+            );
+        }
     }
 }
 

@@ -41,6 +41,9 @@ pub enum Kind {
     Truncated,
     /// TLS records, but not a well-formed ClientHello.
     Malformed,
+    /// A UDP flow whose first datagram is not a QUIC Initial splicegate can
+    /// read (another protocol, another QUIC version, or undecryptable).
+    NotQuic,
     /// Reading the ClientHello failed.
     Io,
     /// No SNI, and no default route (or `no_sni = "reject"`).
@@ -100,7 +103,7 @@ pub enum Alert {
 
 impl Kind {
     /// Every kind, for documentation checks.
-    pub const ALL: [Kind; 37] = [
+    pub const ALL: [Kind; 38] = [
         Kind::Done,
         Kind::IdleTimeout,
         Kind::DrainDeadline,
@@ -117,6 +120,7 @@ impl Kind {
         Kind::Timeout,
         Kind::Truncated,
         Kind::Malformed,
+        Kind::NotQuic,
         Kind::Io,
         Kind::NoSni,
         Kind::NoRoute,
@@ -159,6 +163,7 @@ impl Kind {
             Kind::Timeout => "timeout",
             Kind::Truncated => "truncated",
             Kind::Malformed => "malformed",
+            Kind::NotQuic => "not_quic",
             Kind::Io => "io",
             Kind::NoSni => "no_sni",
             Kind::NoRoute => "no_route",

@@ -64,7 +64,11 @@ pub fn routing(config: &Config) -> Routing {
 /// hard limit first) so that no client is accepted that cannot dial its
 /// agent: at the cap, new connections wait in the backlog. Logs the
 /// resulting capacity; a configured `max_connections` above it is capped.
-fn admission(config: &Config) -> Caps {
+///
+/// QUIC flows hold one descriptor each (their agent socket): the UDP
+/// listeners' `max_flows` are kept aside first, at most a quarter of the
+/// limit; larger caps are lowered to fit and the change is logged.
+fn admission(config: &mut Config) -> Caps {
     let health_checks: usize = config.pools.iter().map(|p| p.agents.len()).sum();
     let extra = if config.admin.is_some() { 8 } else { 0 } + health_checks as u64;
     let configured = config.limits.max_connections;
@@ -74,7 +78,40 @@ fn admission(config: &Config) -> Caps {
         .map(|l| l.engine.fds_per_connection())
         .max()
         .unwrap_or(2);
-    let budget = FdBudget::measure(configured, extra, per_connection);
+    let mut budget = FdBudget::measure(configured, extra, per_connection);
+    let flows: u64 = config
+        .udp_listeners
+        .iter()
+        .map(|u| (u.max_flows * u.bind.len()) as u64)
+        .sum();
+    if flows > 0 {
+        let room = (budget.limit / 4).max(1);
+        if flows > room {
+            for u in &mut config.udp_listeners {
+                let share = (u.max_flows as u64 * room / flows).max(1) as usize;
+                tracing::warn!(
+                    event = "udp_max_flows_capped",
+                    listener = %u.name,
+                    configured = u.max_flows,
+                    max_flows = share,
+                    "max_flows {} of UDP listener {} does not fit a quarter of the file descriptor limit ({}); using {share}",
+                    u.max_flows, u.name, budget.limit
+                );
+                u.max_flows = share;
+            }
+        }
+        let kept: u64 = config
+            .udp_listeners
+            .iter()
+            .map(|u| (u.max_flows * u.bind.len()) as u64)
+            .sum();
+        budget = FdBudget::split(
+            budget.limit,
+            budget.reserved + kept,
+            configured,
+            per_connection,
+        );
+    }
     crate::forward::splice::set_pipe_budget(budget.pipes);
     tracing::info!(
         event = "capacity",
@@ -123,8 +160,8 @@ impl Server {
     /// Bind every listener and start accepting. Must run inside a Tokio
     /// runtime. Logs one `listening` event per bound address and tells
     /// systemd `READY=1` (when run under it).
-    pub fn start(config: Config) -> Result<Server, StartError> {
-        if config.listeners.is_empty() {
+    pub fn start(mut config: Config) -> Result<Server, StartError> {
+        if config.listeners.is_empty() && config.udp_listeners.is_empty() {
             return Err(StartError::NoListeners);
         }
         let metrics = Arc::new(Metrics::default());
@@ -181,7 +218,18 @@ impl Server {
                 bound.push((l.clone(), sock));
             }
         }
-        let limits = Arc::new(Limits::new(admission(&config)));
+        let mut udp_bound = Vec::new();
+        for u in &config.udp_listeners {
+            for &addr in &u.bind {
+                let sock = crate::udp::bind(addr).map_err(|source| StartError::Bind {
+                    listener: u.name.clone(),
+                    addr,
+                    source,
+                })?;
+                udp_bound.push((u.name.clone(), addr, sock));
+            }
+        }
+        let limits = Arc::new(Limits::new(admission(&mut config)));
         if let (Some(l), Some(a)) = (admin_listener, &config.admin) {
             let admin = crate::admin::Admin {
                 metrics: Arc::clone(&metrics),
@@ -222,6 +270,28 @@ impl Server {
                 stop_rx.clone(),
                 tracker.clone(),
             )));
+        }
+        for (name, addr, sock) in udp_bound {
+            let Some(u) = config.udp_listeners.iter().find(|u| u.name == name) else {
+                continue;
+            };
+            let bind_err = |source| StartError::Bind {
+                listener: name.clone(),
+                addr,
+                source,
+            };
+            let sock = tokio::net::UdpSocket::from_std(sock).map_err(bind_err)?;
+            let local = sock.local_addr().map_err(bind_err)?;
+            tracing::info!(event = "listening", listener = %name, addr = %local, proto = "udp", idle_timeout = ?u.idle_timeout, max_flows = u.max_flows, "listening for QUIC");
+            addrs.push((name.clone(), local));
+            let ctx = Arc::new(crate::udp::UdpCtx {
+                config: u.clone(),
+                routes: Arc::clone(&routes),
+                drain: drain.clone(),
+                metrics: Arc::clone(&metrics),
+                tracker: tracker.clone(),
+            });
+            background.push(tokio::spawn(crate::udp::serve(sock, ctx, stop_rx.clone())));
         }
         notify::notify("READY=1");
         if let Some(period) = notify::watchdog_interval() {

@@ -316,6 +316,27 @@ pub fn alert(desc: Alert) -> [u8; 7] {
     [CONTENT_ALERT, 3, 3, 0, 2, 2, desc as u8]
 }
 
+/// Parse one complete handshake message (4-byte header included) that
+/// arrived without TLS records — QUIC carries it in CRYPTO frames. `msg`
+/// must hold exactly the message the header announces.
+pub fn parse_handshake(msg: &[u8]) -> Result<ClientHello, SniffError> {
+    let Some(h) = msg.get(..HANDSHAKE_HEADER) else {
+        return Err(SniffError::Malformed("truncated handshake header".into()));
+    };
+    if h[0] != HANDSHAKE_CLIENT_HELLO {
+        return Err(SniffError::Malformed(format!(
+            "first handshake message has type {}, not ClientHello",
+            h[0]
+        )));
+    }
+    if msg.len() != HANDSHAKE_HEADER + u24(h[1], h[2], h[3]) {
+        return Err(SniffError::Malformed(
+            "handshake length does not match its header".into(),
+        ));
+    }
+    parse_client_hello(msg)
+}
+
 /// Parse one complete handshake message (header included) as a ClientHello.
 fn parse_client_hello(msg: &[u8]) -> Result<ClientHello, SniffError> {
     let body = &msg[HANDSHAKE_HEADER..];

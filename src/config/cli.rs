@@ -10,6 +10,7 @@ use crate::context::{CertFiles, ListenerConfig, TerminateConfig};
 use crate::forward::Engine;
 use crate::route::path::PrefixRoute;
 use crate::route::{SniPattern, Target};
+use crate::udp::UdpListenerConfig;
 use crate::upstream::tls::UpstreamTls;
 
 /// A command-line `--agent` value: `HOST:PORT`, `PATTERN=HOST:PORT` or
@@ -82,6 +83,22 @@ pub struct CliTls {
 }
 
 impl Config {
+    /// `--listen-udp`: replace the file's UDP listeners with one named
+    /// `cli-udp` on `addrs`, keeping the first file UDP listener's settings.
+    pub fn apply_cli_udp(&mut self, addrs: &[SocketAddr]) {
+        if addrs.is_empty() {
+            return;
+        }
+        let mut u = self
+            .udp_listeners
+            .first()
+            .cloned()
+            .unwrap_or_else(|| UdpListenerConfig::with_defaults("cli-udp", Vec::new()));
+        u.name = "cli-udp".to_owned();
+        u.bind = addrs.to_vec();
+        self.udp_listeners = vec![u];
+    }
+
     /// Apply command-line overrides: `--listen` replaces the file's
     /// listeners with one listener named `cli` that keeps the first file
     /// listener's settings; `--agent` routes win over

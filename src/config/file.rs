@@ -24,6 +24,8 @@ pub(super) struct FileConfig {
     #[serde(default)]
     pub(super) listener: Vec<ListenerSection>,
     #[serde(default)]
+    pub(super) udp_listener: Vec<UdpListenerSection>,
+    #[serde(default)]
     pub(super) route: Vec<RouteSection>,
     #[serde(default)]
     pub(super) agent_in_name: Vec<AgentInNameSection>,
@@ -146,6 +148,19 @@ impl ListenerSection {
         ]
         .into_iter()
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct UdpListenerSection {
+    pub(super) name: Option<String>,
+    pub(super) bind: Spanned<OneOrMany>,
+    pub(super) hello_timeout: Option<Spanned<Dur>>,
+    pub(super) hello_max_bytes: Option<Spanned<usize>>,
+    pub(super) idle_timeout: Option<Spanned<Dur>>,
+    pub(super) max_flows: Option<Spanned<usize>>,
+    pub(super) max_flows_per_client: Option<Spanned<usize>>,
+    pub(super) agent_port: Option<Spanned<u16>>,
 }
 
 #[derive(Deserialize)]

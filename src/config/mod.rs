@@ -30,6 +30,7 @@ use crate::context::ListenerConfig;
 use crate::limits::Caps;
 use crate::route::path::PathTable;
 use crate::route::RouteTable;
+use crate::udp::UdpListenerConfig;
 use crate::upstream::pool::PoolConfig;
 
 /// A configuration that could not be loaded. The message names the file,
@@ -69,6 +70,8 @@ pub enum ConfigError {
 pub struct Config {
     /// Listeners.
     pub listeners: Vec<ListenerConfig>,
+    /// UDP listeners: the QUIC relay.
+    pub udp_listeners: Vec<UdpListenerConfig>,
     /// Routes shared by all listeners.
     pub routes: RouteTable,
     /// After SIGTERM, how long established connections may continue.
@@ -117,6 +120,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listeners: Vec::new(),
+            udp_listeners: Vec::new(),
             routes: RouteTable::new(),
             drain_timeout: Duration::from_secs(300),
             drain_grace: Duration::ZERO,

@@ -62,6 +62,21 @@ impl Config {
                 }
             }
         }
+        for u in &self.udp_listeners {
+            let binds: Vec<String> = u.bind.iter().map(|b| b.to_string()).collect();
+            let _ = writeln!(
+                s,
+                "  {} on {} udp (QUIC) hello_timeout={} hello_max_bytes={} idle_timeout={} max_flows={} max_flows_per_client={} agent_port={}",
+                u.name,
+                binds.join(", "),
+                format_duration(u.hello_timeout),
+                u.hello_max_bytes,
+                format_duration(u.idle_timeout),
+                u.max_flows,
+                u.max_flows_per_client,
+                u.agent_port.map_or("the route's".into(), |p| p.to_string())
+            );
+        }
         let _ = writeln!(s, "routes (first match wins):");
         for (rule, target) in self.routes.describe() {
             let _ = writeln!(s, "  {rule:<40} -> {target}");

@@ -9,7 +9,7 @@ use toml::Spanned;
 
 use super::file::{
     AdminSection, Dur, FileConfig, LimitsSection, ListenerSection, PathAgentSection,
-    PathRouteSection, PoolSection, RouteSection, RoutingSection,
+    PathRouteSection, PoolSection, RouteSection, RoutingSection, UdpListenerSection,
 };
 use super::{AdminConfig, Config, ConfigError, DEFAULT_ADMIN_CONNECTIONS, DEFAULT_DRAIN_GRACE};
 use super::{MAX_CONNECTIONS, MAX_WEIGHT};
@@ -21,6 +21,7 @@ use crate::net::{Keepalive, DEFAULT_KEEPALIVE};
 use crate::proxy_protocol::Mode as ProxyMode;
 use crate::route::path::{PathAgent, PrefixRoute};
 use crate::route::{AgentInName, Target};
+use crate::udp::UdpListenerConfig;
 use crate::upstream::pool::{AgentConfig, CheckKind, HealthConfig, Passive, PoolConfig};
 use crate::upstream::tls::UpstreamTls;
 
@@ -77,6 +78,15 @@ pub(super) fn config(text: &str, path: &str) -> Result<Config, ConfigError> {
             return Err(src.whole(format!("two listeners are named {:?}", lc.name)));
         }
         config.listeners.push(lc);
+    }
+    for (i, l) in file.udp_listener.into_iter().enumerate() {
+        let u = udp_listener(&src, i, l)?;
+        let taken = config.listeners.iter().any(|o| o.name == u.name)
+            || config.udp_listeners.iter().any(|o| o.name == u.name);
+        if taken {
+            return Err(src.whole(format!("two listeners are named {:?}", u.name)));
+        }
+        config.udp_listeners.push(u);
     }
     if let Some(l) = file.limits {
         config.limits = limits(&src, l)?;
@@ -148,6 +158,44 @@ fn listeners_trusted(listeners: &[ListenerConfig]) -> Vec<Cidr> {
         }
     }
     all
+}
+
+/// A `[[udp_listener]]`: the QUIC relay.
+fn udp_listener(
+    src: &Src<'_>,
+    i: usize,
+    l: UdpListenerSection,
+) -> Result<UdpListenerConfig, ConfigError> {
+    let name = l.name.unwrap_or_else(|| format!("udp{}", i + 1));
+    let bind = l.bind.get_ref().0.clone();
+    if bind.is_empty() {
+        return Err(src.at(
+            l.bind.span(),
+            "key `bind`: at least one address is needed".into(),
+        ));
+    }
+    let range = |e| src.range(e);
+    let mut u = UdpListenerConfig::with_defaults(&name, bind);
+    if let Some(d) = &l.hello_timeout {
+        u.hello_timeout = positive(src, d, "hello_timeout")?;
+    }
+    if let Some(h) = &l.hello_max_bytes {
+        u.hello_max_bytes = within(h, "hello_max_bytes", 1200, 1 << 16).map_err(range)?;
+    }
+    if let Some(d) = &l.idle_timeout {
+        u.idle_timeout = positive(src, d, "idle_timeout")?;
+    }
+    if let Some(m) = &l.max_flows {
+        u.max_flows = within(m, "max_flows", 1, MAX_CONNECTIONS).map_err(range)?;
+    }
+    if let Some(m) = &l.max_flows_per_client {
+        u.max_flows_per_client =
+            within(m, "max_flows_per_client", 1, MAX_CONNECTIONS).map_err(range)?;
+    }
+    if let Some(p) = &l.agent_port {
+        u.agent_port = Some(within(p, "agent_port", 1, u16::MAX).map_err(range)?);
+    }
+    Ok(u)
 }
 
 fn listener(src: &Src<'_>, i: usize, l: ListenerSection) -> Result<ListenerConfig, ConfigError> {

@@ -1,0 +1,191 @@
+//! Datagrams in batches: `recvmmsg(2)` fills up to [`BATCH`] slots in one
+//! system call and `sendmmsg(2)` sends several to one address in one.
+//!
+//! The buffers belong to the worker thread, not to a flow or a listener:
+//! an idle flow holds none. They are borrowed only inside a synchronous
+//! section (never across an `.await`), so a task that moves between
+//! threads never finds another's data.
+
+use std::cell::RefCell;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, RawFd};
+
+use nix::sys::socket::{
+    recvmmsg, sendmmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage,
+};
+
+/// Datagrams per system call.
+pub const BATCH: usize = 32;
+/// Largest datagram carried: a jumbo frame (VPC MTU 9001) with room to
+/// spare. A longer one arrives truncated and is dropped, counted.
+pub const SLOT: usize = 9216;
+
+/// One thread's batch: the buffer, the kernel headers, and what the last
+/// `recv` filled in.
+///
+/// Each set of headers serves one kind of call only: the kernel leaves the
+/// source address length of the last datagram in a header and nix does not
+/// reset it, so IPv4 and IPv6 receives keep their own, receives on
+/// connected sockets read no address at all, and `sendmmsg` (which points
+/// the headers at its destinations) has its own.
+pub struct Batch {
+    buf: Box<[u8]>,
+    from_v4: MultiHeaders<SockaddrStorage>,
+    from_v6: MultiHeaders<SockaddrStorage>,
+    connected: MultiHeaders<()>,
+    send: MultiHeaders<SockaddrStorage>,
+    len: [usize; BATCH],
+    from: [Option<SocketAddr>; BATCH],
+    truncated: [bool; BATCH],
+    to: [Option<SockaddrStorage>; BATCH],
+    count: usize,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Option<Batch>> = const { RefCell::new(None) };
+}
+
+/// Run `f` with this thread's batch (made on first use).
+pub fn with_batch<R>(f: impl FnOnce(&mut Batch) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut slot) => f(slot.get_or_insert_with(Batch::new)),
+        // Not reentrant by design; a nested use gets its own.
+        Err(_) => f(&mut Batch::new()),
+    })
+}
+
+impl Batch {
+    fn new() -> Batch {
+        Batch {
+            buf: vec![0u8; BATCH * SLOT].into_boxed_slice(),
+            from_v4: MultiHeaders::preallocate(BATCH, None),
+            from_v6: MultiHeaders::preallocate(BATCH, None),
+            connected: MultiHeaders::preallocate(BATCH, None),
+            send: MultiHeaders::preallocate(BATCH, None),
+            len: [0; BATCH],
+            from: [None; BATCH],
+            truncated: [false; BATCH],
+            to: [None; BATCH],
+            count: 0,
+        }
+    }
+
+    /// Receive up to [`BATCH`] datagrams and their sources from an
+    /// unconnected socket of the given family, without blocking;
+    /// `WouldBlock` when none is waiting.
+    pub fn recv_from(&mut self, fd: &impl AsRawFd, v6: bool) -> io::Result<usize> {
+        self.count = 0;
+        let mut chunks = self.buf.chunks_exact_mut(SLOT);
+        let mut iovs: [[IoSliceMut<'_>; 1]; BATCH] =
+            std::array::from_fn(|_| [IoSliceMut::new(chunks.next().unwrap_or_default())]);
+        let hdrs = if v6 {
+            &mut self.from_v6
+        } else {
+            &mut self.from_v4
+        };
+        let got = recvmmsg(
+            fd.as_raw_fd(),
+            hdrs,
+            iovs.iter_mut(),
+            MsgFlags::MSG_DONTWAIT,
+            None,
+        )
+        .map_err(io::Error::from)?;
+        let mut n = 0;
+        for (i, m) in got.enumerate() {
+            self.len[i] = m.bytes;
+            self.truncated[i] = m.flags.contains(MsgFlags::MSG_TRUNC);
+            self.from[i] = m.address.as_ref().and_then(socket_addr);
+            n = i + 1;
+        }
+        self.count = n;
+        Ok(n)
+    }
+
+    /// Receive up to [`BATCH`] datagrams from a connected socket (its peer
+    /// is known), without blocking.
+    pub fn recv(&mut self, fd: &impl AsRawFd) -> io::Result<usize> {
+        self.count = 0;
+        let mut chunks = self.buf.chunks_exact_mut(SLOT);
+        let mut iovs: [[IoSliceMut<'_>; 1]; BATCH] =
+            std::array::from_fn(|_| [IoSliceMut::new(chunks.next().unwrap_or_default())]);
+        let got = recvmmsg(
+            fd.as_raw_fd(),
+            &mut self.connected,
+            iovs.iter_mut(),
+            MsgFlags::MSG_DONTWAIT,
+            None,
+        )
+        .map_err(io::Error::from)?;
+        let mut n = 0;
+        for (i, m) in got.enumerate() {
+            self.len[i] = m.bytes;
+            self.truncated[i] = m.flags.contains(MsgFlags::MSG_TRUNC);
+            self.from[i] = None;
+            n = i + 1;
+        }
+        self.count = n;
+        Ok(n)
+    }
+
+    /// Datagram `i` of the last `recv`: its bytes, its source (None on a
+    /// connected socket the kernel reports none for), and whether it was
+    /// cut short.
+    pub fn get(&self, i: usize) -> (&[u8], Option<SocketAddr>, bool) {
+        let start = i * SLOT;
+        (
+            &self.buf[start..start + self.len[i].min(SLOT)],
+            self.from[i],
+            self.truncated[i],
+        )
+    }
+
+    /// Datagrams the last `recv` filled in.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// Send datagrams `0..n` of the last `recv` to `to` through `fd`,
+    /// without blocking; returns how many the kernel took.
+    pub fn send_all_to(&mut self, fd: RawFd, to: SocketAddr, n: usize) -> io::Result<usize> {
+        let n = n.min(self.count);
+        if n == 0 {
+            return Ok(0);
+        }
+        let addr = SockaddrStorage::from(to);
+        for slot in &mut self.to[..n] {
+            *slot = Some(addr);
+        }
+        let mut chunks = self.buf.chunks_exact(SLOT);
+        let len = self.len;
+        let iovs: [[IoSlice<'_>; 1]; BATCH] = std::array::from_fn(|i| {
+            let chunk = chunks.next().unwrap_or_default();
+            [IoSlice::new(&chunk[..len[i].min(chunk.len())])]
+        });
+        let cmsgs: [ControlMessage<'_>; 0] = [];
+        let sent = sendmmsg(
+            fd,
+            &mut self.send,
+            iovs[..n].iter(),
+            &self.to[..n],
+            cmsgs,
+            MsgFlags::MSG_DONTWAIT,
+        )
+        .map_err(io::Error::from)?;
+        Ok(sent.count())
+    }
+}
+
+fn socket_addr(s: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = s.as_sockaddr_in() {
+        return Some(SocketAddr::V4(SocketAddrV4::new(v4.ip(), v4.port())));
+    }
+    let v6 = s.as_sockaddr_in6()?;
+    Some(SocketAddr::V6(SocketAddrV6::new(
+        v6.ip(),
+        v6.port(),
+        v6.flowinfo(),
+        v6.scope_id(),
+    )))
+}

@@ -1,0 +1,188 @@
+//! One routed QUIC flow: a UDP socket connected to the agent (so the kernel
+//! hands this flow exactly the agent's replies), its counters, and the task
+//! that relays the agent's datagrams back to the client through the
+//! listener's socket until the flow goes idle or the drain ends it.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+
+use super::batch::with_batch;
+use crate::outcome::Kind;
+use crate::shutdown::{wait_true, Drain};
+
+/// A flow's datagram and byte counts, updated with relaxed atomic adds by
+/// the two directions and read by `/metrics` and the access log.
+#[derive(Debug, Default)]
+pub struct DatagramCounters {
+    /// Datagrams client → agent.
+    pub to_agent_packets: AtomicU64,
+    /// Bytes client → agent.
+    pub to_agent_bytes: AtomicU64,
+    /// Datagrams agent → client.
+    pub to_client_packets: AtomicU64,
+    /// Bytes agent → client.
+    pub to_client_bytes: AtomicU64,
+    /// Datagrams dropped: a full socket buffer, a send error, or too long.
+    pub dropped: AtomicU64,
+}
+
+impl DatagramCounters {
+    /// (to_agent packets, to_agent bytes, to_client packets, to_client bytes).
+    pub fn snapshot(&self) -> [u64; 4] {
+        [
+            self.to_agent_packets.load(Ordering::Relaxed),
+            self.to_agent_bytes.load(Ordering::Relaxed),
+            self.to_client_packets.load(Ordering::Relaxed),
+            self.to_client_bytes.load(Ordering::Relaxed),
+        ]
+    }
+}
+
+/// A routed flow.
+#[derive(Debug)]
+pub struct Flow {
+    /// Connection id (shared with TCP connections' numbering).
+    pub id: u64,
+    /// The client's address and port: the flow's key.
+    pub client: SocketAddr,
+    /// The agent.
+    pub agent: SocketAddr,
+    /// Connected to the agent.
+    pub sock: UdpSocket,
+    /// Counters.
+    pub counters: Arc<DatagramCounters>,
+    started: Instant,
+    /// Milliseconds after `started` of the last datagram either way.
+    last: AtomicU64,
+}
+
+impl Flow {
+    /// A socket connected to `agent`, from an ephemeral port of the
+    /// matching family.
+    pub async fn connect(id: u64, client: SocketAddr, agent: SocketAddr) -> io::Result<Flow> {
+        let local: SocketAddr = if agent.is_ipv6() {
+            "[::]:0".parse().expect("literal")
+        } else {
+            "0.0.0.0:0".parse().expect("literal")
+        };
+        let sock = UdpSocket::bind(local).await?;
+        sock.connect(agent).await?;
+        Ok(Flow {
+            id,
+            client,
+            agent,
+            sock,
+            counters: Arc::default(),
+            started: Instant::now(),
+            last: AtomicU64::new(0),
+        })
+    }
+
+    fn touch(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last.store(ms, Ordering::Relaxed);
+    }
+
+    /// When the flow goes idle if nothing more moves.
+    fn idle_at(&self, idle: Duration) -> Instant {
+        self.started + Duration::from_millis(self.last.load(Ordering::Relaxed)) + idle
+    }
+
+    /// How long the flow has existed.
+    pub fn age(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Relay one client datagram to the agent without blocking: when the
+    /// socket's buffer is full it is dropped, as a router would.
+    pub fn to_agent(&self, datagram: &[u8]) {
+        match self.sock.try_send(datagram) {
+            Ok(n) => {
+                self.counters
+                    .to_agent_packets
+                    .fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .to_agent_bytes
+                    .fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.touch();
+    }
+
+    /// Relay the agent's datagrams to the client through `listener` until
+    /// the flow is idle for `idle` or the drain deadline passes; returns
+    /// why it ended.
+    pub async fn run(&self, listener: &UdpSocket, idle: Duration, drain: &Drain) -> Kind {
+        let mut deadline = drain.deadline();
+        let out = listener.as_raw_fd();
+        loop {
+            let idle_at = tokio::time::Instant::from_std(self.idle_at(idle));
+            tokio::select! {
+                biased;
+                _ = wait_true(&mut deadline) => return Kind::DrainDeadline,
+                r = self.sock.readable() => {
+                    if r.is_err() {
+                        return Kind::IoError;
+                    }
+                    if let Some(kind) = self.relay_back(out) {
+                        return kind;
+                    }
+                }
+                _ = tokio::time::sleep_until(idle_at) => {
+                    if self.idle_at(idle) <= Instant::now() {
+                        return Kind::IdleTimeout;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Move what the agent sent, in batches, until its socket is drained.
+    /// Some(kind) ends the flow.
+    fn relay_back(&self, out: std::os::fd::RawFd) -> Option<Kind> {
+        // A bounded number of batches per wake-up, so one busy flow
+        // cannot hold its worker thread.
+        for _ in 0..8 {
+            let moved = self.sock.try_io(Interest::READABLE, || {
+                with_batch(|b| {
+                    let n = b.recv(&self.sock)?;
+                    // A truncated datagram (longer than a jumbo frame) and
+                    // those after it in the batch are dropped.
+                    let good = (0..n).find(|&i| b.get(i).2).unwrap_or(n);
+                    let sent = b.send_all_to(out, self.client, good).unwrap_or(0);
+                    let bytes: usize = (0..sent).map(|i| b.get(i).0.len()).sum();
+                    let c = &self.counters;
+                    c.to_client_packets
+                        .fetch_add(sent as u64, Ordering::Relaxed);
+                    c.to_client_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+                    c.dropped.fetch_add((n - sent) as u64, Ordering::Relaxed);
+                    Ok(n)
+                })
+            });
+            match moved {
+                Ok(n) => {
+                    self.touch();
+                    if n < super::batch::BATCH {
+                        return None;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+                // The agent's port answered ICMP unreachable: keep the flow
+                // (the client may retry) until it idles out.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return None,
+                Err(_) => return Some(Kind::IoError),
+            }
+        }
+        None
+    }
+}

@@ -1,0 +1,417 @@
+//! The QUIC relay with a real QUIC stack on both ends (quinn): agents with
+//! their own certificates, clients that verify them, splicegate routing
+//! each flow by the SNI inside its Initial and relaying the datagrams.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::Proxy;
+use quinn::crypto::rustls::QuicClientConfig;
+use rustls::pki_types::PrivateKeyDer;
+use splicegate::testkit::{identity, quic_hello_datagrams, quic_initial, Identity};
+
+/// The application protocol agents and clients agree on (QUIC requires one).
+const ALPN: &[u8] = b"dcv-test";
+
+/// A quinn agent that answers every stream with its name, a newline, and
+/// then everything the stream carries.
+struct QuicAgent {
+    addr: SocketAddr,
+    id: Identity,
+    connections: Arc<AtomicUsize>,
+    _endpoint: quinn::Endpoint,
+}
+
+async fn agent(name: &'static str) -> QuicAgent {
+    let id = identity(&[name]).unwrap();
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![id.cert.clone()],
+        PrivateKeyDer::Pkcs8(id.key.clone_key()),
+    )
+    .unwrap();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let cfg = quinn::ServerConfig::with_crypto(Arc::new(
+        quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap(),
+    ));
+    let ep = quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = ep.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let (ep2, count) = (ep.clone(), Arc::clone(&connections));
+    tokio::spawn(async move {
+        while let Some(incoming) = ep2.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let Ok(conn) = incoming.await else { return };
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    tokio::spawn(async move {
+                        let _ = send.write_all(format!("{name}\n").as_bytes()).await;
+                        let _ = tokio::io::copy(&mut recv, &mut send).await;
+                        let _ = send.finish();
+                    });
+                }
+            });
+        }
+    });
+    QuicAgent {
+        addr,
+        id,
+        connections,
+        _endpoint: ep,
+    }
+}
+
+/// A client trusting `roots`, offering `alpn`, on its own UDP port.
+fn client(roots: &[&Identity], alpn: &[Vec<u8>], idle: Duration) -> quinn::Endpoint {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add(r.cert.clone()).unwrap();
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    tls.alpn_protocols = alpn.to_vec();
+    tls.alpn_protocols.push(ALPN.to_vec());
+    let mut cfg = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(Some(idle.try_into().unwrap()));
+    cfg.transport_config(Arc::new(transport));
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(cfg);
+    ep
+}
+
+/// Open a stream to `name` through `via`; returns the agent's name and the
+/// echo of `data`.
+async fn exchange(
+    ep: &quinn::Endpoint,
+    via: SocketAddr,
+    name: &str,
+    data: &[u8],
+) -> Result<(String, Vec<u8>), String> {
+    let conn = ep
+        .connect(via, name)
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let writer = {
+        let data = data.to_vec();
+        tokio::spawn(async move {
+            send.write_all(&data).await.map_err(|e| e.to_string())?;
+            send.finish().map_err(|e| e.to_string())
+        })
+    };
+    let all = recv
+        .read_to_end(data.len() + 64)
+        .await
+        .map_err(|e| e.to_string())?;
+    writer.await.map_err(|e| e.to_string())??;
+    conn.close(0u32.into(), b"done");
+    let at = all.iter().position(|&b| b == b'\n').ok_or("no name line")?;
+    Ok((
+        String::from_utf8_lossy(&all[..at]).into_owned(),
+        all[at + 1..].to_vec(),
+    ))
+}
+
+fn config(a: &QuicAgent, b: &QuicAgent, trap_port: u16, extra: &str) -> String {
+    format!(
+        "[[udp_listener]]\nbind = \"127.0.0.1:0\"\nhello_timeout = \"1s\"\n{extra}\n\
+         [[route]]\nsni = \"a.test\"\nagent = \"{}\"\n\
+         [[route]]\nsni = \"b.test\"\nagent = \"{}\"\n\
+         [[agent_in_name]]\nsuffix = \"agents.test\"\nport = {trap_port}\nallow = [\"127.0.0.1/32\"]\n\
+         [admin]\nbind = \"127.0.0.1:0\"\n",
+        a.addr, b.addr
+    )
+}
+
+fn metrics(p: &Proxy) -> String {
+    let mut s = std::net::TcpStream::connect(p.admin.unwrap()).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn metric(text: &str, prefix: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// A UDP socket on 127.0.0.2 that counts what reaches it: an agent that
+/// must never be dialled.
+struct Trap(UdpSocket);
+
+impl Trap {
+    fn new() -> Trap {
+        let s = UdpSocket::bind("127.0.0.2:0").unwrap();
+        s.set_nonblocking(true).unwrap();
+        Trap(s)
+    }
+    fn port(&self) -> u16 {
+        self.0.local_addr().unwrap().port()
+    }
+    fn received(&self) -> usize {
+        let mut n = 0;
+        let mut b = [0u8; 2048];
+        while self.0.recv(&mut b).is_ok() {
+            n += 1;
+        }
+        n
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_by_sni_and_relays_ten_megabytes() {
+    let (a, b, trap) = (agent("a.test").await, agent("b.test").await, Trap::new());
+    let mut p = Proxy::start(Some(&config(&a, &b, trap.port(), "")), &[]);
+    let ep = client(&[&a.id, &b.id], &[], Duration::from_secs(10));
+    let data = common::payload(10 << 20, 7);
+    let (name, echo) = exchange(&ep, p.addr, "a.test", &data).await.unwrap();
+    assert_eq!(name, "a.test");
+    assert!(echo == data, "10 MB echoed intact");
+    // One QUIC connection per client address and port, as an NLB's UDP
+    // flow: a second connection comes from its own socket.
+    let other = client(&[&a.id, &b.id], &[], Duration::from_secs(10));
+    let (name, _) = exchange(&other, p.addr, "b.test", b"hi").await.unwrap();
+    assert_eq!(name, "b.test");
+    let routed = p.event("routed", |v| v["sni"] == "b.test");
+    assert_eq!(routed["agent"], b.addr.to_string());
+    assert_eq!(routed["span"]["proto"], "quic");
+    let text = metrics(&p);
+    assert!(
+        metric(
+            &text,
+            "splicegate_quic_initial_total{listener=\"udp1\",outcome=\"ok\"}"
+        ) >= 2,
+        "{text}"
+    );
+    assert!(
+        metric(&text, "splicegate_udp_bytes_to_agent_total") > 10 << 20,
+        "{text}"
+    );
+    assert!(text.contains("splicegate_udp_flows_active{listener=\"udp1\"}"));
+    assert_eq!(trap.received(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_spanning_two_initials_is_routed() {
+    let (a, b, trap) = (agent("a.test").await, agent("b.test").await, Trap::new());
+    let mut p = Proxy::start(Some(&config(&a, &b, trap.port(), "")), &[]);
+    // As large as a post-quantum key share makes it: 100 ALPN names push the
+    // ClientHello past what one 1200-byte Initial carries.
+    let alpn: Vec<Vec<u8>> = (0..100)
+        .map(|i| format!("proto-{i:09}").into_bytes())
+        .collect();
+    let ep = client(&[&a.id], &alpn, Duration::from_secs(10));
+    let (name, echo) = exchange(&ep, p.addr, "a.test", b"large hello")
+        .await
+        .unwrap();
+    assert_eq!(
+        (name.as_str(), echo.as_slice()),
+        ("a.test", &b"large hello"[..])
+    );
+    let routed = p.event("routed", |v| v["sni"] == "a.test");
+    assert!(routed["datagrams_held"].as_u64().unwrap() >= 2, "{routed}");
+    assert_eq!(trap.received(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_names_send_nothing_to_any_agent() {
+    let (a, b, trap) = (agent("a.test").await, agent("b.test").await, Trap::new());
+    let mut p = Proxy::start(Some(&config(&a, &b, trap.port(), "")), &[]);
+    let ep = client(&[&a.id, &b.id], &[], Duration::from_secs(2));
+    // No route; and an agent-in-name address outside `allow` (127.0.0.2,
+    // where the trap listens).
+    for name in ["nobody.test", "127-0-0-2.agents.test"] {
+        let r = exchange(&ep, p.addr, name, b"x").await;
+        assert!(r.is_err(), "{name} got through: {r:?}");
+    }
+    let no_route = p.closed("no_route");
+    assert_eq!(no_route["sni"], "nobody.test");
+    let denied = p.closed("agent_not_allowed");
+    assert_eq!(denied["sni"], "127-0-0-2.agents.test");
+    assert_eq!(trap.received(), 0, "the trap must not see a datagram");
+    assert_eq!(
+        a.connections.load(Ordering::SeqCst) + b.connections.load(Ordering::SeqCst),
+        0
+    );
+    let text = metrics(&p);
+    assert!(
+        metric(
+            &text,
+            "splicegate_udp_datagrams_dropped_total{listener=\"udp1\",reason=\"refused\"}"
+        ) > 0,
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_flow_ends_and_the_same_port_starts_a_new_one() {
+    let (a, b, trap) = (agent("a.test").await, agent("b.test").await, Trap::new());
+    let mut p = Proxy::start(
+        Some(&config(&a, &b, trap.port(), "idle_timeout = \"1s\"")),
+        &[],
+    );
+    let ep = client(&[&a.id, &b.id], &[], Duration::from_secs(10));
+    let port = ep.local_addr().unwrap().port();
+    exchange(&ep, p.addr, "a.test", b"one").await.unwrap();
+    let closed = p.closed("idle_timeout");
+    assert!(closed["packets_to_agent"].as_u64().unwrap() > 0, "{closed}");
+    assert!(closed["bytes_to_client"].as_u64().unwrap() > 0, "{closed}");
+    assert_eq!(ep.local_addr().unwrap().port(), port);
+    let (name, _) = exchange(&ep, p.addr, "b.test", b"two").await.unwrap();
+    assert_eq!(
+        name, "b.test",
+        "a new flow from the same port is routed afresh"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_keeps_established_flows_on_their_agent() {
+    let (a, b, trap) = (agent("a.test").await, agent("b.test").await, Trap::new());
+    let mut p = Proxy::start(Some(&config(&a, &b, trap.port(), "")), &[]);
+    let ep = client(&[&a.id, &b.id], &[], Duration::from_secs(10));
+    let conn = ep.connect(p.addr, "a.test").unwrap().await.unwrap();
+    let ask = |conn: quinn::Connection| async move {
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(b"?").await.unwrap();
+        send.finish().unwrap();
+        String::from_utf8(recv.read_to_end(1024).await.unwrap()).unwrap()
+    };
+    assert_eq!(ask(conn.clone()).await, "a.test\n?");
+    // a.test now names agent B: new flows go there, this one stays on A.
+    let swapped = config(&a, &b, trap.port(), "").replacen(&a.addr.to_string(), "127.0.0.1:1", 1);
+    let swapped = swapped.replacen("127.0.0.1:1", &b.addr.to_string(), 1);
+    std::fs::write(p.config_path(), swapped).unwrap();
+    p.signal(nix::sys::signal::Signal::SIGHUP);
+    p.event("reloaded", |_| true);
+    assert_eq!(
+        ask(conn.clone()).await,
+        "a.test\n?",
+        "the established flow kept its agent"
+    );
+    let other = client(&[&a.id, &b.id], &[], Duration::from_secs(10));
+    let fresh = other.connect(p.addr, "a.test").unwrap().await;
+    // B's certificate does not cover a.test: the new flow reached B.
+    assert!(
+        fresh.is_err(),
+        "a new flow for a.test must reach agent B now"
+    );
+    assert!(b.connections.load(Ordering::SeqCst) >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_datagrams_are_dropped_named_and_bounded() {
+    let (a, b, trap) = (agent("a.test").await, agent("b.test").await, Trap::new());
+    let extra = "max_flows = 1000\nmax_flows_per_client = 100000\nidle_timeout = \"2s\"";
+    let mut p = Proxy::start(Some(&config(&a, &b, trap.port(), extra)), &[]);
+    let to = p.addr;
+    let send = |d: &[u8]| {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.send_to(d, to).unwrap();
+    };
+    let good = quic_hello_datagrams(1, &[1; 8], Some("a.test"), &[], 0, 4000).remove(0);
+    send(b"random bytes, not QUIC");
+    let mut wrong_version = good.clone();
+    wrong_version[1..5].copy_from_slice(&[0xff, 0, 0, 0x1d]);
+    send(&wrong_version);
+    let mut corrupted = good.clone();
+    corrupted[500] ^= 0x40;
+    send(&corrupted);
+    send(&good[..700]);
+    // The first of a two-datagram hello, never followed: times out.
+    let two = quic_hello_datagrams(1, &[2; 8], Some("a.test"), &[], 1500, 1000);
+    send(&two[0]);
+    p.closed("not_quic");
+    p.closed("timeout");
+    let text = metrics(&p);
+    for outcome in [
+        "not_quic",
+        "unsupported_version",
+        "decrypt_failed",
+        "malformed",
+        "timeout",
+    ] {
+        let key =
+            format!("splicegate_quic_initial_total{{listener=\"udp1\",outcome=\"{outcome}\"}}");
+        assert!(metric(&text, &key) >= 1, "{key} in\n{text}");
+    }
+
+    // 10,000 one-datagram flows from distinct ports: the cap holds, the
+    // process stays up, and once their time is up new flows work again.
+    let rss = |pid: i32| -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let before = rss(p.pid());
+    let garbage = quic_initial(1, &[9; 8], b"", 0, &[0x01], 1200);
+    // 100 every 20 ms: faster than flows expire (1 s), slow enough that
+    // the kernel's receive buffer (net.core.rmem_max) does not drop them.
+    for chunk in 0..100 {
+        let socks: Vec<UdpSocket> = (0..100)
+            .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+            .collect();
+        for (i, s) in socks.iter().enumerate() {
+            let d = if (chunk + i) % 2 == 0 {
+                &garbage[..]
+            } else {
+                &good[..]
+            };
+            let _ = s.send_to(d, to);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let text = metrics(&p);
+    assert!(
+        metric(
+            &text,
+            "splicegate_udp_datagrams_dropped_total{listener=\"udp1\",reason=\"flow_limit\"}"
+        ) > 0,
+        "{text}"
+    );
+    assert!(
+        metric(&text, "splicegate_udp_flows_active{") <= 1000,
+        "{text}"
+    );
+    // Refusals are forgotten after hello_timeout (1 s), routed flows idle
+    // out after 2 s: the table empties.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&metrics(&p), "splicegate_udp_flows_active{") > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "flows never idled out:\n{}",
+            metrics(&p)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        rss(p.pid()) < before + 64 * 1024,
+        "RSS grew from {before} KiB to {} KiB",
+        rss(p.pid())
+    );
+    assert_eq!(trap.received(), 0);
+    let ep = client(&[&a.id], &[], Duration::from_secs(10));
+    let (name, _) = exchange(&ep, p.addr, "a.test", b"after the flood")
+        .await
+        .unwrap();
+    assert_eq!(name, "a.test");
+}
