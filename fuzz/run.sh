@@ -20,13 +20,14 @@ while [ $# -gt 0 ]; do
     *) targets+=("$1"); shift ;;
   esac
 done
-[ ${#targets[@]} -gt 0 ] || targets=(client_hello proxy_header http_head path_router)
+[ ${#targets[@]} -gt 0 ] || targets=(client_hello proxy_header http_head path_router quic_initial)
 
 declare -A seeds=(
   [client_hello]=../tests/fixtures/hello
   [proxy_header]=../tests/fixtures/proxy
   [http_head]=../tests/fixtures/http
   [path_router]=seeds/path_router
+  [quic_initial]=seeds/quic_initial
 )
 
 if ! rustup toolchain list | grep -q '^nightly'; then

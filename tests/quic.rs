@@ -28,7 +28,12 @@ struct QuicAgent {
 }
 
 async fn agent(name: &'static str) -> QuicAgent {
-    let id = identity(&[name]).unwrap();
+    agent_at(name, name, "127.0.0.1:0".parse().unwrap()).await
+}
+
+/// An agent named `name` with a certificate for `sni`, on `bind`.
+async fn agent_at(name: &'static str, sni: &str, bind: SocketAddr) -> QuicAgent {
+    let id = identity(&[sni]).unwrap();
     let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -44,7 +49,7 @@ async fn agent(name: &'static str) -> QuicAgent {
     let cfg = quinn::ServerConfig::with_crypto(Arc::new(
         quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap(),
     ));
-    let ep = quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let ep = quinn::Endpoint::server(cfg, bind).unwrap();
     let addr = ep.local_addr().unwrap();
     let connections = Arc::new(AtomicUsize::new(0));
     let (ep2, count) = (ep.clone(), Arc::clone(&connections));
@@ -73,6 +78,16 @@ async fn agent(name: &'static str) -> QuicAgent {
 
 /// A client trusting `roots`, offering `alpn`, on its own UDP port.
 fn client(roots: &[&Identity], alpn: &[Vec<u8>], idle: Duration) -> quinn::Endpoint {
+    client_from("127.0.0.1:0".parse().unwrap(), roots, alpn, idle)
+}
+
+/// [`client`] from a chosen local address.
+fn client_from(
+    local: SocketAddr,
+    roots: &[&Identity],
+    alpn: &[Vec<u8>],
+    idle: Duration,
+) -> quinn::Endpoint {
     let mut store = rustls::RootCertStore::empty();
     for r in roots {
         store.add(r.cert.clone()).unwrap();
@@ -90,7 +105,7 @@ fn client(roots: &[&Identity], alpn: &[Vec<u8>], idle: Duration) -> quinn::Endpo
     let mut transport = quinn::TransportConfig::default();
     transport.max_idle_timeout(Some(idle.try_into().unwrap()));
     cfg.transport_config(Arc::new(transport));
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut ep = quinn::Endpoint::client(local).unwrap();
     ep.set_default_client_config(cfg);
     ep
 }
@@ -414,4 +429,116 @@ async fn bad_datagrams_are_dropped_named_and_bounded() {
         .await
         .unwrap();
     assert_eq!(name, "a.test");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_keeps_established_flows_until_the_drain_deadline() {
+    let (a, b, trap) = (agent("a.test").await, agent("b.test").await, Trap::new());
+    let cfg = config(&a, &b, trap.port(), "")
+        + "[shutdown]\ndrain_grace = \"0s\"\ndrain_timeout = \"2s\"\n";
+    let mut p = Proxy::start(Some(&cfg), &[]);
+    let ep = client(&[&a.id], &[], Duration::from_secs(30));
+    let conn = ep.connect(p.addr, "a.test").unwrap().await.unwrap();
+    let ask = |conn: quinn::Connection| async move {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        send.write_all(b"?").await.map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())?;
+        let got = recv.read_to_end(1024).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(String::from_utf8_lossy(&got).into_owned())
+    };
+    assert_eq!(ask(conn.clone()).await.unwrap(), "a.test\n?");
+    p.signal(nix::sys::signal::Signal::SIGTERM);
+    p.event("draining", |_| true);
+    assert_eq!(
+        ask(conn.clone()).await.unwrap(),
+        "a.test\n?",
+        "an established flow keeps going while draining"
+    );
+    let late = client(&[&a.id], &[], Duration::from_secs(1));
+    assert!(
+        late.connect(p.addr, "a.test").unwrap().await.is_err(),
+        "no new flow while draining"
+    );
+    let closed = p.closed("drain_deadline");
+    assert_eq!(closed["span"]["proto"], "quic");
+    assert_eq!(p.wait_exit(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_hash_sends_a_clients_tcp_and_udp_halves_to_one_agent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Two agents, each a TLS agent on TCP and a QUIC agent on UDP at the
+    // same address, as a DCV agent serves both on 8443.
+    let mut members = Vec::new();
+    let mut quic = Vec::new();
+    let mut tcp = Vec::new();
+    for name in ["m1", "m2"] {
+        let q = agent_at(name, "fleet.test", "127.0.0.1:0".parse().unwrap()).await;
+        let t = splicegate::testkit::Agent::spawn(
+            name,
+            splicegate::testkit::server_config(&q.id).unwrap(),
+            q.addr,
+        )
+        .await
+        .expect("TCP agent on the QUIC agent's port");
+        members.push(format!("[[pool.agents]]\naddr = \"{}\"\n", q.addr));
+        quic.push(q);
+        tcp.push(t);
+    }
+    let cfg = format!(
+        "[[listener]]\nbind = \"127.0.0.1:0\"\nproxy_protocol = \"v2\"\nproxy_trusted = [\"127.0.0.0/8\"]\n\
+         [[udp_listener]]\nbind = \"127.0.0.1:0\"\n\
+         [[route]]\nsni = \"fleet.test\"\npool = \"fleet\"\n\
+         [[pool]]\nname = \"fleet\"\npolicy = \"client_hash\"\n{}",
+        members.join("")
+    );
+    let mut p = Proxy::start(Some(&cfg), &[]);
+    let udp: SocketAddr = p.event("listening", |v| v["proto"] == "udp")["addr"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let ids: Vec<&Identity> = quic.iter().map(|q| &q.id).collect();
+    let tls = splicegate::testkit::client_config(&ids, &[]).unwrap();
+    let mut chosen = std::collections::HashSet::new();
+    for n in 5..=20u8 {
+        let ip = std::net::Ipv4Addr::new(127, 0, 0, n);
+        // TCP: the NLB's PROXY header carries the client's address.
+        let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+        let header = splicegate::proxy_protocol::encode_v2(
+            SocketAddr::new(ip.into(), 40000),
+            p.addr,
+            &[],
+            false,
+        );
+        s.write_all(&header).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("fleet.test").unwrap();
+        let mut t = tokio_rustls::TlsConnector::from(Arc::clone(&tls))
+            .connect(name, s)
+            .await
+            .unwrap();
+        let mut line = Vec::new();
+        while !line.ends_with(b"\n") {
+            line.push(t.read_u8().await.unwrap());
+        }
+        let tcp_agent = String::from_utf8(line)
+            .unwrap()
+            .trim()
+            .trim_start_matches("agent ")
+            .to_owned();
+        // UDP: the datagrams' own source address.
+        let ep = client_from(
+            SocketAddr::new(ip.into(), 0),
+            &ids,
+            &[],
+            Duration::from_secs(10),
+        );
+        let (udp_agent, _) = exchange(&ep, udp, "fleet.test", b"x").await.unwrap();
+        assert_eq!(
+            tcp_agent, udp_agent,
+            "client {ip}: TCP and QUIC reached different agents"
+        );
+        chosen.insert(udp_agent);
+    }
+    assert_eq!(chosen.len(), 2, "16 clients should spread over both agents");
 }

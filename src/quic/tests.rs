@@ -3,13 +3,7 @@ use crate::testkit::{quic_client_hello, quic_crypto_frame, quic_hello_datagrams,
 
 /// RFC 9001 appendix A.2: the client's first Initial, 1200 bytes.
 fn rfc_client_initial() -> Vec<u8> {
-    let hex: String = include_str!("../../tests/fixtures/quic/rfc9001-client-initial.hex")
-        .split_whitespace()
-        .collect();
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-        .collect()
+    include_bytes!("../../tests/fixtures/quic/rfc9001-client-initial.bin").to_vec()
 }
 
 const RFC_DCID: [u8; 8] = [0x83, 0x94, 0xc8, 0xf0, 0x3e, 0x51, 0x57, 0x08];
@@ -220,4 +214,22 @@ fn a_damaged_later_packet_is_skipped() {
         s.feed(&ds[1]).unwrap().unwrap().sni.as_deref(),
         Some("late.test")
     );
+}
+
+#[test]
+fn aioquic_initials_name_their_agent() {
+    let one = include_bytes!("../../tests/fixtures/quic/aioquic-initial.bin");
+    let mut s = InitialSniffer::start(one, 16384).unwrap();
+    let hello = s.feed(one).unwrap().expect("one datagram");
+    assert_eq!(hello.sni.as_deref(), Some("agent1.dcv.example"));
+    assert_eq!(hello.alpn, vec!["dcv".to_owned()]);
+
+    // A hello grown past one Initial: complete only with the second datagram.
+    let first = include_bytes!("../../tests/fixtures/quic/aioquic-pq-1.bin");
+    let second = include_bytes!("../../tests/fixtures/quic/aioquic-pq-2.bin");
+    let mut s = InitialSniffer::start(first, 16384).unwrap();
+    assert_eq!(s.feed(first).unwrap(), None);
+    let hello = s.feed(second).unwrap().expect("two datagrams");
+    assert_eq!(hello.sni.as_deref(), Some("agent1.dcv.example"));
+    assert_eq!(hello.alpn.len(), 61);
 }
