@@ -8,6 +8,7 @@
 #   bench/run.sh --smoke    # tiny counts (CI)
 #   bench/run.sh terminate  # terminate mode against nginx https (same options)
 #   bench/run.sh idle       # memory per idle connection (see bench/README.md)
+#   bench/run.sh udp        # the QUIC relay against nginx's stream UDP proxy
 #
 # Extra arguments go to `splicegate-bench suite`. Results: target/bench/<timestamp>/,
 # or --out bench/results/NAME for a run the docs cite (committed).
@@ -40,6 +41,6 @@ case " $* " in
 esac
 suite=suite
 case "${1:-}" in
-  terminate|idle) suite=$1; shift ;;
+  terminate|idle|udp) suite=$1; shift ;;
 esac
 exec target/release/splicegate-bench "$suite" "$@"

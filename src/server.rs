@@ -280,7 +280,6 @@ impl Server {
                 addr,
                 source,
             };
-            let sock = tokio::net::UdpSocket::from_std(sock).map_err(bind_err)?;
             let local = sock.local_addr().map_err(bind_err)?;
             tracing::info!(event = "listening", listener = %name, addr = %local, proto = "udp", idle_timeout = ?u.idle_timeout, max_flows = u.max_flows, "listening for QUIC");
             addrs.push((name.clone(), local));
@@ -291,7 +290,7 @@ impl Server {
                 metrics: Arc::clone(&metrics),
                 tracker: tracker.clone(),
             });
-            background.push(tokio::spawn(crate::udp::serve(sock, ctx, stop_rx.clone())));
+            crate::udp::spawn(sock, ctx, stop_rx.clone()).map_err(bind_err)?;
         }
         notify::notify("READY=1");
         if let Some(period) = notify::watchdog_interval() {

@@ -53,3 +53,4 @@ deploy/cdk/test.sh
 # against every target installable here (no speed is asserted).
 bench/run.sh --smoke --out target/bench-smoke
 bench/run.sh terminate --smoke --out target/bench-smoke-terminate
+bench/run.sh udp --smoke --out target/bench-smoke-udp

@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
 use crate::agent::{self, sni};
+use crate::report::median;
 use crate::{load, parse_targets, targets};
 
 /// Options of the idle mode.
@@ -274,14 +275,6 @@ pub async fn run(args: IdleArgs) -> Result<bool, String> {
     println!("{md}");
     println!("written to {}", out.display());
     Ok(clean)
-}
-
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    Some(v[v.len() / 2])
 }
 
 /// The markdown report: per size, each target's medians, kernel memory

@@ -21,6 +21,7 @@ mod report;
 mod standalone;
 mod targets;
 mod terminate;
+mod udp;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -47,6 +48,9 @@ enum Cmd {
     Terminate(SuiteArgs),
     /// Memory per idle connection (user and kernel) at several sizes.
     Idle(idle::IdleArgs),
+    /// The QUIC relay against direct and nginx's stream UDP proxy: round
+    /// trips and bulk with 1200-byte datagrams.
+    Udp(udp::UdpArgs),
     /// The echo/bulk agent on its own, for measuring a real path with
     /// `probe` (TLS; WebSocket upgrade when the first bytes are `GET `).
     Agent(standalone::AgentArgs),
@@ -269,6 +273,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Suite(a) => rt.block_on(suite(a, "passthrough")),
         Cmd::Terminate(a) => rt.block_on(suite(a, "terminate")),
         Cmd::Idle(a) => rt.block_on(idle::run(a)),
+        Cmd::Udp(a) => rt.block_on(udp::run(a)),
         Cmd::Agent(a) => rt.block_on(standalone::run(a)),
         Cmd::Probe(a) => return rt.block_on(probe::run(a)),
     };

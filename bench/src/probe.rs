@@ -25,6 +25,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::load::{hist, ns, summary, Summary};
+use crate::report::median;
 
 /// What a probe measures.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -712,11 +713,6 @@ struct Report {
     gbit_ratio: Option<f64>,
     /// A fatal error, when the probe could not measure.
     error: Option<ProbeError>,
-}
-
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied()
 }
 
 /// A named point of a latency distribution.

@@ -311,6 +311,12 @@ pub fn plot(title: &str, curves: &[(String, Vec<f64>)], log: bool) -> String {
     o
 }
 
+/// The median of `v` (the upper one of an even count), None when empty.
+pub fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
 /// Text for an SVG text node (addresses and names come from the command line).
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;")

@@ -141,11 +141,6 @@ impl Batch {
         )
     }
 
-    /// Datagrams the last `recv` filled in.
-    pub fn count(&self) -> usize {
-        self.count
-    }
-
     /// Send datagrams `0..n` of the last `recv` to `to` through `fd`,
     /// without blocking; returns how many the kernel took.
     pub fn send_all_to(&mut self, fd: RawFd, to: SocketAddr, n: usize) -> io::Result<usize> {

@@ -101,9 +101,16 @@ impl Flow {
     }
 
     /// Relay one client datagram to the agent without blocking: when the
-    /// socket's buffer is full it is dropped, as a router would.
+    /// socket's buffer is full it is dropped, as a router would. (A plain
+    /// `send`, not tokio's `try_send`, which refuses to try until the
+    /// reactor has seen the new socket writable.)
     pub fn to_agent(&self, datagram: &[u8]) {
-        match self.sock.try_send(datagram) {
+        let sent = nix::sys::socket::send(
+            self.sock.as_raw_fd(),
+            datagram,
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        );
+        match sent {
             Ok(n) => {
                 self.counters
                     .to_agent_packets
@@ -125,8 +132,11 @@ impl Flow {
     pub async fn run(&self, listener: &UdpSocket, idle: Duration, drain: &Drain) -> Kind {
         let mut deadline = drain.deadline();
         let out = listener.as_raw_fd();
+        // One timer for the flow's life, moved only when it fires: a busy
+        // flow does not touch the timer wheel per datagram.
+        let sleep = tokio::time::sleep_until(self.idle_at(idle).into());
+        tokio::pin!(sleep);
         loop {
-            let idle_at = tokio::time::Instant::from_std(self.idle_at(idle));
             tokio::select! {
                 biased;
                 _ = wait_true(&mut deadline) => return Kind::DrainDeadline,
@@ -138,10 +148,12 @@ impl Flow {
                         return kind;
                     }
                 }
-                _ = tokio::time::sleep_until(idle_at) => {
-                    if self.idle_at(idle) <= Instant::now() {
+                () = &mut sleep => {
+                    let at = self.idle_at(idle);
+                    if at <= Instant::now() {
                         return Kind::IdleTimeout;
                     }
+                    sleep.as_mut().reset(at.into());
                 }
             }
         }
@@ -166,16 +178,17 @@ impl Flow {
                         .fetch_add(sent as u64, Ordering::Relaxed);
                     c.to_client_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
                     c.dropped.fetch_add((n - sent) as u64, Ordering::Relaxed);
+                    self.touch();
+                    // A short batch emptied the socket: let tokio clear its
+                    // readiness now rather than after another `recvmmsg`.
+                    if n < super::batch::BATCH {
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
                     Ok(n)
                 })
             });
             match moved {
-                Ok(n) => {
-                    self.touch();
-                    if n < super::batch::BATCH {
-                        return None;
-                    }
-                }
+                Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
                 // The agent's port answered ICMP unreachable: keep the flow
                 // (the client may retry) until it idles out.

@@ -176,6 +176,32 @@ struct Relay {
     last_limit_log: Option<Instant>,
 }
 
+/// Serve `sock` on a thread of its own, with a single-threaded runtime:
+/// the listener's datagrams, its flows' agent sockets and their timers all
+/// wake that one thread, so relaying a datagram never hands work to another
+/// core (the way an nginx worker serves its sockets). The thread ends with
+/// [`serve`].
+pub fn spawn(
+    sock: std::net::UdpSocket,
+    ctx: Arc<UdpCtx>,
+    stop: watch::Receiver<bool>,
+) -> io::Result<std::thread::JoinHandle<()>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let name = format!("udp-{}", ctx.config.name);
+    std::thread::Builder::new().name(name).spawn(move || {
+        rt.block_on(async move {
+            match UdpSocket::from_std(sock) {
+                Ok(sock) => serve(sock, ctx, stop).await,
+                Err(e) => {
+                    tracing::error!(event = "udp_listener_failed", listener = %ctx.config.name, error = %e, "cannot register the UDP socket");
+                }
+            }
+        });
+    })
+}
+
 /// Serve one bound UDP socket until the drain: after `stop`, no new flow
 /// starts and established ones run until they end or the drain deadline.
 pub async fn serve(sock: UdpSocket, ctx: Arc<UdpCtx>, mut stop: watch::Receiver<bool>) {
@@ -191,6 +217,7 @@ pub async fn serve(sock: UdpSocket, ctx: Arc<UdpCtx>, mut stop: watch::Receiver<
         accepting: true,
         last_limit_log: None,
     };
+    let v6 = relay.sock.local_addr().is_ok_and(|a| a.is_ipv6());
     let mut sweep = tokio::time::interval(Duration::from_millis(250));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -201,7 +228,7 @@ pub async fn serve(sock: UdpSocket, ctx: Arc<UdpCtx>, mut stop: watch::Receiver<
                 if r.is_err() {
                     break;
                 }
-                relay.receive();
+                relay.receive(v6);
             }
             Some(ev) = rx.recv() => relay.event(ev),
             _ = sweep.tick() => relay.expire(Instant::now()),
@@ -218,26 +245,30 @@ impl Relay {
     }
 
     /// Read what is waiting, a bounded number of batches per wake-up.
-    fn receive(&mut self) {
+    fn receive(&mut self, v6: bool) {
         let sock = Arc::clone(&self.sock);
-        let v6 = sock.local_addr().is_ok_and(|a| a.is_ipv6());
         for _ in 0..16 {
             let r = sock.try_io(Interest::READABLE, || {
                 with_batch(|b| {
                     let n = b.recv_from(&*sock, v6)?;
-                    for i in 0..b.count() {
+                    for i in 0..n {
                         let (d, from, truncated) = b.get(i);
                         match from {
                             Some(from) if !truncated => self.datagram(from, d),
                             _ => self.ctx.metrics.udp_dropped(self.listener(), "truncated"),
                         }
                     }
+                    // A short batch emptied the socket: say so, and tokio
+                    // clears its readiness without another `recvmmsg`
+                    // (unless a new datagram was signalled meanwhile).
+                    if n < batch::BATCH {
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
                     Ok(n)
                 })
             });
-            match r {
-                Ok(n) if n == batch::BATCH => continue,
-                _ => return,
+            if r.is_err() {
+                return;
             }
         }
     }

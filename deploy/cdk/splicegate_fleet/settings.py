@@ -164,8 +164,9 @@ class Settings:
     def _check(self) -> None:
         if self.udp:
             raise SettingsError(
-                'udp: splicegate does not relay UDP (QUIC) yet; keep "udp": false. '
-                "DCV native clients fall back to the WebSocket on TCP 8443."
+                'udp: this example deploys the TCP side only; keep "udp": false. '
+                "PrivateLink endpoints have been TCP-only and the NLB's TCP_UDP layout needs "
+                "checking (docs/quic.md); DCV native clients use the WebSocket on TCP 8443."
             )
         if self.architecture not in ELF_MACHINES:
             raise SettingsError(f"architecture: {self.architecture!r} is not one of {sorted(ELF_MACHINES)}")

@@ -338,7 +338,7 @@ BAD = [
     ({"drainGraceSeconds": 20}, "drainGraceSeconds: 20 s must exceed"),
     ({"deregistrationDelaySeconds": 120}, "deregistrationDelaySeconds: 120 s is below drainTimeoutSeconds"),
     ({"keepaliveSeconds": 400}, "keepaliveSeconds: 400 s must be below nlbIdleTimeoutSeconds"),
-    ({"udp": True}, "udp: splicegate does not relay UDP"),
+    ({"udp": True}, "udp: this example deploys the TCP side only"),
     ({"minInstances": 1}, "minInstances: 1 is fewer than one per availability zone"),
     ({"agentNetworks": []}, "agentNetworks: list the CIDRs"),
     ({"agentNetworks": ["10.150.248.1/24"]}, "agentNetworks: 10.150.248.1/24 has host bits set"),
