@@ -11,9 +11,15 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, RawFd};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::errno::Errno;
 use nix::sys::socket::{
-    recvmmsg, sendmmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage,
+    recvmmsg, sendmmsg, sendmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage,
 };
+
+/// Whether the kernel takes UDP GSO sends (cleared on the first refusal).
+static GSO: AtomicBool = AtomicBool::new(true);
 
 /// Datagrams per system call.
 pub const BATCH: usize = 32;
@@ -143,10 +149,41 @@ impl Batch {
 
     /// Send datagrams `0..n` of the last `recv` to `to` through `fd`,
     /// without blocking; returns how many the kernel took.
+    ///
+    /// When they all have one size (the last may be shorter) — a burst of
+    /// QUIC packets — they leave in one `sendmsg` with UDP GSO: the kernel
+    /// carries them as one buffer and cuts it into datagrams at the end of
+    /// its path. Otherwise, or where the kernel refuses GSO, `sendmmsg`.
     pub fn send_all_to(&mut self, fd: RawFd, to: SocketAddr, n: usize) -> io::Result<usize> {
         let n = n.min(self.count);
         if n == 0 {
             return Ok(0);
+        }
+        let size = self.len[0];
+        let uniform = n >= 2
+            && size > 0
+            && self.len[..n - 1].iter().all(|&l| l == size)
+            && self.len[n - 1] <= size;
+        if uniform && GSO.load(Ordering::Relaxed) {
+            let seg = u16::try_from(size).unwrap_or(u16::MAX);
+            let mut chunks = self.buf.chunks_exact(SLOT);
+            let len = self.len;
+            let iovs: [IoSlice<'_>; BATCH] = std::array::from_fn(|i| {
+                let chunk = chunks.next().unwrap_or_default();
+                IoSlice::new(&chunk[..len[i].min(chunk.len())])
+            });
+            let addr = SockaddrStorage::from(to);
+            let cmsg = [ControlMessage::UdpGsoSegments(&seg)];
+            match sendmsg(fd, &iovs[..n], &cmsg, MsgFlags::MSG_DONTWAIT, Some(&addr)) {
+                Ok(_) => return Ok(n),
+                Err(Errno::EAGAIN) => return Err(io::ErrorKind::WouldBlock.into()),
+                // No GSO here (an old kernel, or a device without it):
+                // batches go out with sendmmsg from now on.
+                Err(Errno::EINVAL | Errno::EIO | Errno::ENOPROTOOPT | Errno::EOPNOTSUPP) => {
+                    GSO.store(false, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         let addr = SockaddrStorage::from(to);
         for slot in &mut self.to[..n] {

@@ -220,10 +220,18 @@ pub async fn serve(sock: UdpSocket, ctx: Arc<UdpCtx>, mut stop: watch::Receiver<
     let v6 = relay.sock.local_addr().is_ok_and(|a| a.is_ipv6());
     let mut sweep = tokio::time::interval(Duration::from_millis(250));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // After the drain deadline the flows close themselves; this task (whose
+    // runtime ends with it) waits for their last words, a bounded time.
+    let mut give_up: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = wait_true(&mut stop), if relay.accepting => relay.accepting = false,
-            _ = wait_true(&mut deadline) => break,
+            _ = wait_true(&mut deadline), if give_up.is_none() => {
+                relay.accepting = false;
+                relay.forget_unrouted();
+                give_up = Some(tokio::time::Instant::now() + Duration::from_secs(5));
+            }
+            _ = tokio::time::sleep_until(give_up.unwrap_or_else(tokio::time::Instant::now)), if give_up.is_some() => break,
             r = relay.sock.readable() => {
                 if r.is_err() {
                     break;
@@ -645,6 +653,20 @@ impl Relay {
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// At the drain deadline: forget every flow that is not relaying.
+    fn forget_unrouted(&mut self) {
+        let gone: Vec<SocketAddr> = self
+            .flows
+            .iter()
+            .filter(|(_, e)| !matches!(e, Entry::Active(_)))
+            .map(|(a, _)| *a)
+            .collect();
+        for a in gone {
+            self.flows.remove(&a);
+            self.release(a);
         }
     }
 
