@@ -158,14 +158,15 @@ impl Metrics {
             .or_default() += 1;
     }
 
-    /// A client datagram dropped without a flow to carry it (`draining`,
-    /// `flow_limit`, `client_limit`, `refused`, `truncated`).
-    pub fn udp_dropped(&self, listener: &str, reason: &'static str) {
+    /// `n` client datagrams dropped without a flow to carry them
+    /// (`draining`, `flow_limit`, `client_limit`, `refused`, `truncated`);
+    /// UDP listeners count locally and add their counts periodically.
+    pub fn udp_dropped(&self, listener: &str, reason: &'static str, n: u64) {
         *self
             .lock()
             .udp_dropped
             .entry((listener.to_owned(), reason))
-            .or_default() += 1;
+            .or_default() += n;
     }
 
     /// A QUIC flow was routed; its datagrams are counted live from

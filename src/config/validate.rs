@@ -160,6 +160,21 @@ fn listeners_trusted(listeners: &[ListenerConfig]) -> Vec<Cidr> {
     all
 }
 
+/// A listener's `bind`: one address at least.
+fn binds(
+    src: &Src<'_>,
+    bind: &Spanned<super::file::OneOrMany>,
+) -> Result<Vec<std::net::SocketAddr>, ConfigError> {
+    let addrs = bind.get_ref().0.clone();
+    if addrs.is_empty() {
+        return Err(src.at(
+            bind.span(),
+            "key `bind`: at least one address is needed".into(),
+        ));
+    }
+    Ok(addrs)
+}
+
 /// A `[[udp_listener]]`: the QUIC relay.
 fn udp_listener(
     src: &Src<'_>,
@@ -167,15 +182,8 @@ fn udp_listener(
     l: UdpListenerSection,
 ) -> Result<UdpListenerConfig, ConfigError> {
     let name = l.name.unwrap_or_else(|| format!("udp{}", i + 1));
-    let bind = l.bind.get_ref().0.clone();
-    if bind.is_empty() {
-        return Err(src.at(
-            l.bind.span(),
-            "key `bind`: at least one address is needed".into(),
-        ));
-    }
     let range = |e| src.range(e);
-    let mut u = UdpListenerConfig::with_defaults(&name, bind);
+    let mut u = UdpListenerConfig::with_defaults(&name, binds(src, &l.bind)?);
     if let Some(d) = &l.hello_timeout {
         u.hello_timeout = positive(src, d, "hello_timeout")?;
     }
@@ -203,15 +211,8 @@ fn listener(src: &Src<'_>, i: usize, l: ListenerSection) -> Result<ListenerConfi
         .name
         .clone()
         .unwrap_or_else(|| format!("listener{}", i + 1));
-    let bind = l.bind.get_ref().0.clone();
-    if bind.is_empty() {
-        return Err(src.at(
-            l.bind.span(),
-            "key `bind`: at least one address is needed".into(),
-        ));
-    }
     let range = |e| src.range(e);
-    let mut lc = ListenerConfig::with_defaults(&name, bind);
+    let mut lc = ListenerConfig::with_defaults(&name, binds(src, &l.bind)?);
     if let Some(b) = &l.backlog {
         lc.backlog = within(b, "backlog", 1, 65535).map_err(range)?;
     }

@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::errno::Errno;
 use nix::sys::socket::{
-    recvmmsg, sendmmsg, sendmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage,
+    recvmmsg, sendmmsg, sendmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrLike,
+    SockaddrStorage,
 };
 
 /// Whether the kernel takes UDP GSO sends (cleared on the first refusal).
@@ -41,11 +42,39 @@ pub struct Batch {
     from_v6: MultiHeaders<SockaddrStorage>,
     connected: MultiHeaders<()>,
     send: MultiHeaders<SockaddrStorage>,
+    slots: Slots,
+    to: [Option<SockaddrStorage>; BATCH],
+    count: usize,
+}
+
+/// What `recvmmsg` filled in, per slot.
+struct Slots {
     len: [usize; BATCH],
     from: [Option<SocketAddr>; BATCH],
     truncated: [bool; BATCH],
-    to: [Option<SockaddrStorage>; BATCH],
-    count: usize,
+}
+
+/// `recvmmsg` into the slots of `buf` with `hdrs`; `addr` reads a source.
+fn recv_into<S: SockaddrLike + Copy>(
+    fd: RawFd,
+    buf: &mut [u8],
+    hdrs: &mut MultiHeaders<S>,
+    slots: &mut Slots,
+    addr: fn(&S) -> Option<SocketAddr>,
+) -> io::Result<usize> {
+    let mut chunks = buf.chunks_exact_mut(SLOT);
+    let mut iovs: [[IoSliceMut<'_>; 1]; BATCH] =
+        std::array::from_fn(|_| [IoSliceMut::new(chunks.next().unwrap_or_default())]);
+    let got = recvmmsg(fd, hdrs, iovs.iter_mut(), MsgFlags::MSG_DONTWAIT, None)
+        .map_err(io::Error::from)?;
+    let mut n = 0;
+    for (i, m) in got.enumerate() {
+        slots.len[i] = m.bytes;
+        slots.truncated[i] = m.flags.contains(MsgFlags::MSG_TRUNC);
+        slots.from[i] = m.address.as_ref().and_then(addr);
+        n = i + 1;
+    }
+    Ok(n)
 }
 
 thread_local! {
@@ -69,9 +98,11 @@ impl Batch {
             from_v6: MultiHeaders::preallocate(BATCH, None),
             connected: MultiHeaders::preallocate(BATCH, None),
             send: MultiHeaders::preallocate(BATCH, None),
-            len: [0; BATCH],
-            from: [None; BATCH],
-            truncated: [false; BATCH],
+            slots: Slots {
+                len: [0; BATCH],
+                from: [None; BATCH],
+                truncated: [false; BATCH],
+            },
             to: [None; BATCH],
             count: 0,
         }
@@ -81,58 +112,34 @@ impl Batch {
     /// unconnected socket of the given family, without blocking;
     /// `WouldBlock` when none is waiting.
     pub fn recv_from(&mut self, fd: &impl AsRawFd, v6: bool) -> io::Result<usize> {
-        self.count = 0;
-        let mut chunks = self.buf.chunks_exact_mut(SLOT);
-        let mut iovs: [[IoSliceMut<'_>; 1]; BATCH] =
-            std::array::from_fn(|_| [IoSliceMut::new(chunks.next().unwrap_or_default())]);
         let hdrs = if v6 {
             &mut self.from_v6
         } else {
             &mut self.from_v4
         };
-        let got = recvmmsg(
+        let got = recv_into(
             fd.as_raw_fd(),
+            &mut self.buf,
             hdrs,
-            iovs.iter_mut(),
-            MsgFlags::MSG_DONTWAIT,
-            None,
-        )
-        .map_err(io::Error::from)?;
-        let mut n = 0;
-        for (i, m) in got.enumerate() {
-            self.len[i] = m.bytes;
-            self.truncated[i] = m.flags.contains(MsgFlags::MSG_TRUNC);
-            self.from[i] = m.address.as_ref().and_then(socket_addr);
-            n = i + 1;
-        }
-        self.count = n;
-        Ok(n)
+            &mut self.slots,
+            socket_addr,
+        );
+        self.count = got.as_ref().map_or(0, |&n| n);
+        got
     }
 
     /// Receive up to [`BATCH`] datagrams from a connected socket (its peer
     /// is known), without blocking.
     pub fn recv(&mut self, fd: &impl AsRawFd) -> io::Result<usize> {
-        self.count = 0;
-        let mut chunks = self.buf.chunks_exact_mut(SLOT);
-        let mut iovs: [[IoSliceMut<'_>; 1]; BATCH] =
-            std::array::from_fn(|_| [IoSliceMut::new(chunks.next().unwrap_or_default())]);
-        let got = recvmmsg(
+        let got = recv_into(
             fd.as_raw_fd(),
+            &mut self.buf,
             &mut self.connected,
-            iovs.iter_mut(),
-            MsgFlags::MSG_DONTWAIT,
-            None,
-        )
-        .map_err(io::Error::from)?;
-        let mut n = 0;
-        for (i, m) in got.enumerate() {
-            self.len[i] = m.bytes;
-            self.truncated[i] = m.flags.contains(MsgFlags::MSG_TRUNC);
-            self.from[i] = None;
-            n = i + 1;
-        }
-        self.count = n;
-        Ok(n)
+            &mut self.slots,
+            |_: &()| None,
+        );
+        self.count = got.as_ref().map_or(0, |&n| n);
+        got
     }
 
     /// Datagram `i` of the last `recv`: its bytes, its source (None on a
@@ -141,9 +148,9 @@ impl Batch {
     pub fn get(&self, i: usize) -> (&[u8], Option<SocketAddr>, bool) {
         let start = i * SLOT;
         (
-            &self.buf[start..start + self.len[i].min(SLOT)],
-            self.from[i],
-            self.truncated[i],
+            &self.buf[start..start + self.slots.len[i].min(SLOT)],
+            self.slots.from[i],
+            self.slots.truncated[i],
         )
     }
 
@@ -159,15 +166,15 @@ impl Batch {
         if n == 0 {
             return Ok(0);
         }
-        let size = self.len[0];
+        let size = self.slots.len[0];
         let uniform = n >= 2
             && size > 0
-            && self.len[..n - 1].iter().all(|&l| l == size)
-            && self.len[n - 1] <= size;
+            && self.slots.len[..n - 1].iter().all(|&l| l == size)
+            && self.slots.len[n - 1] <= size;
         if uniform && GSO.load(Ordering::Relaxed) {
             let seg = u16::try_from(size).unwrap_or(u16::MAX);
             let mut chunks = self.buf.chunks_exact(SLOT);
-            let len = self.len;
+            let len = self.slots.len;
             let iovs: [IoSlice<'_>; BATCH] = std::array::from_fn(|i| {
                 let chunk = chunks.next().unwrap_or_default();
                 IoSlice::new(&chunk[..len[i].min(chunk.len())])
@@ -190,7 +197,7 @@ impl Batch {
             *slot = Some(addr);
         }
         let mut chunks = self.buf.chunks_exact(SLOT);
-        let len = self.len;
+        let len = self.slots.len;
         let iovs: [[IoSlice<'_>; 1]; BATCH] = std::array::from_fn(|i| {
             let chunk = chunks.next().unwrap_or_default();
             [IoSlice::new(&chunk[..len[i].min(chunk.len())])]

@@ -174,7 +174,24 @@ struct Relay {
     events: mpsc::UnboundedSender<Event>,
     accepting: bool,
     last_limit_log: Option<Instant>,
+    /// Datagrams dropped without a flow, by [`DROP_REASONS`] index; added
+    /// to `/metrics` on each sweep, not under its lock per datagram.
+    dropped: [u64; DROP_REASONS.len()],
 }
+
+/// Why a client datagram had no flow to carry it.
+const DROP_REASONS: [&str; 5] = [
+    "draining",
+    "flow_limit",
+    "client_limit",
+    "refused",
+    "truncated",
+];
+const DRAINING: usize = 0;
+const FLOW_LIMIT: usize = 1;
+const CLIENT_LIMIT: usize = 2;
+const REFUSED: usize = 3;
+const TRUNCATED: usize = 4;
 
 /// Serve `sock` on a thread of its own, with a single-threaded runtime:
 /// the listener's datagrams, its flows' agent sockets and their timers all
@@ -216,6 +233,7 @@ pub async fn serve(sock: UdpSocket, ctx: Arc<UdpCtx>, mut stop: watch::Receiver<
         events: tx,
         accepting: true,
         last_limit_log: None,
+        dropped: [0; DROP_REASONS.len()],
     };
     let v6 = relay.sock.local_addr().is_ok_and(|a| a.is_ipv6());
     let mut sweep = tokio::time::interval(Duration::from_millis(250));
@@ -245,13 +263,10 @@ pub async fn serve(sock: UdpSocket, ctx: Arc<UdpCtx>, mut stop: watch::Receiver<
             break;
         }
     }
+    relay.flush_drops();
 }
 
 impl Relay {
-    fn listener(&self) -> &str {
-        &self.ctx.config.name
-    }
-
     /// Read what is waiting, a bounded number of batches per wake-up.
     fn receive(&mut self, v6: bool) {
         let sock = Arc::clone(&self.sock);
@@ -263,7 +278,7 @@ impl Relay {
                         let (d, from, truncated) = b.get(i);
                         match from {
                             Some(from) if !truncated => self.datagram(from, d),
-                            _ => self.ctx.metrics.udp_dropped(self.listener(), "truncated"),
+                            _ => self.dropped[TRUNCATED] += 1,
                         }
                     }
                     // A short batch emptied the socket: say so, and tokio
@@ -291,10 +306,7 @@ impl Relay {
                     p.held.push(d.to_vec());
                 }
             }
-            Some(Entry::Refused { .. }) => self
-                .ctx
-                .metrics
-                .udp_dropped(&self.ctx.config.name, "refused"),
+            Some(Entry::Refused { .. }) => self.dropped[REFUSED] += 1,
             None => self.new_flow(from, d),
         }
     }
@@ -302,19 +314,20 @@ impl Relay {
     fn new_flow(&mut self, from: SocketAddr, d: &[u8]) {
         let cfg = &self.ctx.config;
         if !self.accepting {
-            self.ctx.metrics.udp_dropped(&cfg.name, "draining");
+            self.dropped[DRAINING] += 1;
             return;
         }
         let per_client = self.per_client.get(&from.ip()).copied().unwrap_or(0);
         let limit = if self.flows.len() >= cfg.max_flows {
-            Some(("flow_limit", cfg.max_flows))
+            Some((FLOW_LIMIT, cfg.max_flows))
         } else if per_client >= cfg.max_flows_per_client {
-            Some(("client_limit", cfg.max_flows_per_client))
+            Some((CLIENT_LIMIT, cfg.max_flows_per_client))
         } else {
             None
         };
-        if let Some((what, max)) = limit {
-            self.ctx.metrics.udp_dropped(&cfg.name, what);
+        if let Some((i, max)) = limit {
+            self.dropped[i] += 1;
+            let what = DROP_REASONS[i];
             let now = Instant::now();
             if self
                 .last_limit_log
@@ -349,7 +362,6 @@ impl Relay {
             }
             Err(e) => {
                 self.ctx.metrics.quic_initial(&cfg.name, e.kind());
-                self.flows.insert(from, Entry::Refused { id });
                 let p = Pending {
                     id,
                     started,
@@ -410,7 +422,6 @@ impl Relay {
         let decision = match routing.table.resolve(p.sni.as_deref()) {
             Ok(d) => d,
             Err(e) => {
-                self.flows.insert(from, Entry::Refused { id: p.id });
                 self.refuse(from, &p, e.kind(), &e.to_string());
                 return;
             }
@@ -438,7 +449,6 @@ impl Relay {
                 match pick {
                     Ok(t) => t,
                     Err(reason) => {
-                        self.flows.insert(from, Entry::Refused { id: p.id });
                         self.refuse(from, &p, Kind::PoolUnavailable, &reason);
                         return;
                     }
@@ -519,7 +529,6 @@ impl Relay {
                 match result {
                     Ok(flow) => self.start(client, p, flow, route, agent),
                     Err((kind, reason)) => {
-                        self.flows.insert(client, Entry::Refused { id });
                         self.refuse(client, &p, kind, &reason);
                     }
                 }
@@ -602,13 +611,14 @@ impl Relay {
         let Some(Entry::Pending(p)) = self.flows.remove(&from) else {
             return;
         };
-        self.flows.insert(from, Entry::Refused { id: p.id });
         self.refuse(from, &p, kind, reason);
     }
 
-    /// Log and count a refused flow (its entry is already `Refused`); it
-    /// is forgotten after `hello_timeout`.
+    /// Refuse the flow at `from`: its entry becomes `Refused` (its
+    /// datagrams are dropped until it is forgotten after `hello_timeout`),
+    /// logged and counted once.
     fn refuse(&mut self, from: SocketAddr, p: &Pending, kind: Kind, reason: &str) {
+        self.flows.insert(from, Entry::Refused { id: p.id });
         let name = &self.ctx.config.name;
         p.span.in_scope(|| {
             tracing::info!(
@@ -627,9 +637,22 @@ impl Relay {
             .push_back((Instant::now() + self.ctx.config.hello_timeout, from, p.id));
     }
 
+    /// Add the drop counts to `/metrics`.
+    fn flush_drops(&mut self) {
+        for (i, n) in self.dropped.iter_mut().enumerate() {
+            if *n > 0 {
+                self.ctx
+                    .metrics
+                    .udp_dropped(&self.ctx.config.name, DROP_REASONS[i], *n);
+                *n = 0;
+            }
+        }
+    }
+
     /// Forget refusals whose time is up and refuse hellos that did not
     /// complete in time.
     fn expire(&mut self, now: Instant) {
+        self.flush_drops();
         while let Some(&(when, client, id)) = self.expiry.front() {
             if when > now {
                 break;
