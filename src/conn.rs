@@ -21,7 +21,8 @@ use tracing::Instrument;
 use crate::context::{self, Kind, ListenerConfig, ListenerCtx, Record, Refusal, SendProxy};
 use crate::forward;
 use crate::proxy_protocol::{self as pp, Command, Header};
-use crate::route::RouteKind;
+use crate::resolver::{ResolveError, Transport};
+use crate::route::{RouteKind, Target};
 use crate::sniff::{self, SniffError};
 use crate::terminate::{self, Tls};
 use crate::upstream;
@@ -298,10 +299,30 @@ async fn prepare(
         .map_err(|e| refuse(&client, Refusal::new(e.kind(), format!("route: {e}"))))?;
     rec.route = Some(decision.route.to_string());
     rec.agent = Some(decision.target.to_string());
-    rec.dynamic = matches!(decision.route, RouteKind::AgentInName(_));
+    rec.dynamic = matches!(
+        decision.route,
+        RouteKind::AgentInName(_) | RouteKind::SessionInName(_)
+    );
+    let target = match decision.target {
+        // The ClientHello waits for the resolver, within its deadline.
+        Target::Session(id) => {
+            let limit = cfg.hello_timeout;
+            let left = limit.saturating_sub(started.elapsed());
+            let asked = routing.resolve_session(&id, Transport::Http, Some(real_client.ip()));
+            let found = tokio::time::timeout(left, asked).await.unwrap_or_else(|_| {
+                Err(ResolveError::Unavailable(format!(
+                    "no answer within the hello deadline ({limit:?} from accept)"
+                )))
+            });
+            found
+                .map_err(|e| refuse(&client, Refusal::new(e.kind(), e.to_string())))?
+                .target
+        }
+        t => t,
+    };
     let dialled = upstream::dial(
         &routing.pools,
-        &decision.target,
+        &target,
         real_client.ip(),
         cfg.connect_timeout,
         cfg.keepalive,

@@ -4,6 +4,8 @@
 //! A connection's way through the crate follows the data:
 //! [`listener`] (accept) → [`proxy_protocol`] (PROXY header from the NLB) →
 //! [`sniff`] (ClientHello, SNI) → [`route`] (pure name → agent) →
+//! [`resolver`] (a DCV session id → its agent, asked of the Session
+//! Resolver API, when the route names a session) →
 //! [`upstream`] (one dial path: an agent, or a pool's choice) →
 //! [`forward`] (engines that move bytes) → the access log and [`metrics`].
 //! [`conn`] takes a passthrough connection through those steps; on
@@ -43,6 +45,7 @@ pub mod notify;
 pub mod outcome;
 pub mod proxy_protocol;
 pub mod quic;
+pub mod resolver;
 pub mod route;
 pub mod routing;
 pub mod server;

@@ -279,12 +279,16 @@ fn reload(args: &RunArgs, server: &Server) {
     match load(args) {
         Ok(config) => {
             let rules = config.routes.describe().len();
-            server.reload_routes(&config);
-            tracing::info!(
-                event = "reloaded",
-                rules,
-                "routes reloaded; listener settings take effect on restart"
-            );
+            match server.reload_routes(&config) {
+                Ok(()) => tracing::info!(
+                    event = "reloaded",
+                    rules,
+                    "routes reloaded; listener settings take effect on restart"
+                ),
+                Err(e) => {
+                    tracing::error!(event = "reload_failed", error = %e, "reload failed; keeping the running routes")
+                }
+            }
         }
         Err(e) => {
             tracing::error!(event = "reload_failed", error = %e, "reload failed; keeping the running routes")

@@ -68,6 +68,9 @@ struct Inner {
     udp_datagrams: BTreeMap<RouteKey, [u64; 4]>,
     udp_live: HashMap<u64, (RouteKey, Arc<DatagramCounters>)>,
     quic_initial: BTreeMap<(String, &'static str), u64>,
+    resolver: BTreeMap<&'static str, u64>,
+    resolver_cache: BTreeMap<&'static str, u64>,
+    resolver_wait: Option<Hist>,
 }
 
 /// The registry shared by listeners, connections and the admin listener.
@@ -202,6 +205,20 @@ impl Metrics {
             .udp_flows
             .entry((listener.to_owned(), outcome.as_str()))
             .or_default() += 1;
+    }
+
+    /// A request to the session resolver ended with `outcome` (`ok` or a
+    /// resolver outcome label) after `took`.
+    pub fn resolver_request(&self, outcome: &'static str, took: Duration) {
+        let mut g = self.lock();
+        *g.resolver.entry(outcome).or_default() += 1;
+        g.resolver_wait.get_or_insert_with(Hist::new).record(took);
+    }
+
+    /// A session lookup was answered from the cache (`hit`), joined a
+    /// request in flight (`shared`) or started one (`miss`).
+    pub fn resolver_cache(&self, result: &'static str) {
+        *self.lock().resolver_cache.entry(result).or_default() += 1;
     }
 
     /// The Prometheus text exposition; `draining` is the drain state.
@@ -339,6 +356,9 @@ impl Metrics {
         if !g.udp_flows.is_empty() || !g.udp_active.is_empty() || !g.quic_initial.is_empty() {
             render_udp(o, &g);
         }
+        if g.resolver_wait.is_some() || !g.resolver_cache.is_empty() {
+            render_resolver(o, &g);
+        }
         histogram(
             o,
             "splicegate_agent_connect_seconds",
@@ -353,6 +373,37 @@ impl Metrics {
         );
         out
     }
+}
+
+/// The session resolver's series.
+fn render_resolver(o: &mut String, g: &Inner) {
+    header(
+        o,
+        "splicegate_resolver_requests_total",
+        "counter",
+        "Requests to the session resolver, by outcome.",
+    );
+    for (oc, v) in &g.resolver {
+        let _ = writeln!(
+            o,
+            "splicegate_resolver_requests_total{{outcome=\"{oc}\"}} {v}"
+        );
+    }
+    header(
+        o,
+        "splicegate_resolver_cache_total",
+        "counter",
+        "Session lookups: answered from the cache (hit), joined a request in flight (shared), or sent (miss).",
+    );
+    for (r, v) in &g.resolver_cache {
+        let _ = writeln!(o, "splicegate_resolver_cache_total{{result=\"{r}\"}} {v}");
+    }
+    histogram(
+        o,
+        "splicegate_resolver_request_seconds",
+        "Time for the session resolver to answer (or fail).",
+        g.resolver_wait.as_ref(),
+    );
 }
 
 /// The QUIC relay's series.

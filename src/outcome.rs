@@ -60,6 +60,14 @@ pub enum Kind {
     AgentResolve,
     /// Another connect error (unreachable network, ...).
     AgentUnreachable,
+    /// The session resolver did not answer (timeout, refused, 5xx).
+    ResolverUnavailable,
+    /// The session resolver does not know the session (404).
+    SessionUnknown,
+    /// The session resolver's answer is unusable: not the expected JSON,
+    /// the wrong session or transport, or an endpoint outside the
+    /// allowlist.
+    ResolverBadAnswer,
     /// No agent of the pool may be chosen.
     PoolUnavailable,
     /// Every agent the pool tried failed.
@@ -103,7 +111,7 @@ pub enum Alert {
 
 impl Kind {
     /// Every kind, for documentation checks.
-    pub const ALL: [Kind; 38] = [
+    pub const ALL: [Kind; 41] = [
         Kind::Done,
         Kind::IdleTimeout,
         Kind::DrainDeadline,
@@ -129,6 +137,9 @@ impl Kind {
         Kind::AgentTimeout,
         Kind::AgentResolve,
         Kind::AgentUnreachable,
+        Kind::ResolverUnavailable,
+        Kind::SessionUnknown,
+        Kind::ResolverBadAnswer,
         Kind::PoolUnavailable,
         Kind::PoolFailed,
         Kind::TlsHandshake,
@@ -172,6 +183,9 @@ impl Kind {
             Kind::AgentTimeout => "agent_timeout",
             Kind::AgentResolve => "agent_resolve",
             Kind::AgentUnreachable => "agent_unreachable",
+            Kind::ResolverUnavailable => "resolver_unavailable",
+            Kind::SessionUnknown => "session_unknown",
+            Kind::ResolverBadAnswer => "resolver_bad_answer",
             Kind::PoolUnavailable => "pool_unavailable",
             Kind::PoolFailed => "pool_failed",
             Kind::TlsHandshake => "tls_handshake",
@@ -192,12 +206,14 @@ impl Kind {
     /// ClientHello receives (None: refused before, or not a refusal).
     pub fn tls_alert(self) -> Option<Alert> {
         match self {
-            Kind::NoRoute | Kind::NoSni => Some(Alert::UnrecognizedName),
+            Kind::NoRoute | Kind::NoSni | Kind::SessionUnknown => Some(Alert::UnrecognizedName),
             Kind::AgentNotAllowed | Kind::VpceNotAllowed => Some(Alert::AccessDenied),
             Kind::AgentRefused
             | Kind::AgentTimeout
             | Kind::AgentResolve
             | Kind::AgentUnreachable
+            | Kind::ResolverUnavailable
+            | Kind::ResolverBadAnswer
             | Kind::PoolUnavailable
             | Kind::PoolFailed
             | Kind::IoError => Some(Alert::InternalError),
@@ -211,16 +227,18 @@ impl Kind {
         Some(match self {
             Kind::BadRequest | Kind::HeadTooLarge | Kind::NotTls => 400,
             Kind::AgentNotAllowed | Kind::VpceNotAllowed => 403,
-            Kind::NoRoute => 404,
+            Kind::NoRoute | Kind::SessionUnknown => 404,
             Kind::HeadTimeout => 408,
             Kind::TooManyHeaders => 431,
             Kind::AgentTimeout => 504,
+            Kind::ResolverUnavailable => 503,
             Kind::AgentRefused
             | Kind::AgentResolve
             | Kind::AgentUnreachable
             | Kind::PoolUnavailable
             | Kind::PoolFailed
             | Kind::AgentTls
+            | Kind::ResolverBadAnswer
             | Kind::BadResponse
             | Kind::IoError => 502,
             _ => return None,

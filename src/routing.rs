@@ -1,13 +1,17 @@
 //! The live routing state: the route tables with the pools they refer to
-//! and their health checks, swapped as one on reload. Each connection takes
+//! and their health checks, and the session resolver, swapped as one on
+//! reload. Each connection takes
 //! the current one once, when it is ready to route, so a reload never
 //! disturbs established sessions.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
+use crate::resolver::{Answer, ResolveError, Resolver, Transport};
 use crate::route::path::PathTable;
 use crate::route::RouteTable;
 use crate::upstream::health;
@@ -24,8 +28,15 @@ pub struct Routing {
     pub pools: HashMap<String, Arc<Pool>>,
     /// Pools that must have a healthy agent for health to answer 200.
     pub required: Vec<String>,
+    /// The session resolver, for routes that name sessions.
+    pub resolver: Option<Arc<Resolver>>,
+    /// Health answers 503 while the resolver does not answer.
+    require_resolver: bool,
     checks: Vec<JoinHandle<()>>,
 }
+
+/// How often a required resolver is probed.
+pub const RESOLVER_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
 impl Routing {
     /// Build the pools and start their health checks (inside a runtime).
@@ -45,7 +56,37 @@ impl Routing {
             paths,
             pools,
             required,
+            resolver: None,
+            require_resolver: false,
             checks,
+        }
+    }
+
+    /// Add the session resolver; with `required`, probe it so that health
+    /// reports whether it answers.
+    pub fn with_resolver(mut self, resolver: Option<Arc<Resolver>>, required: bool) -> Routing {
+        if let (Some(r), true) = (&resolver, required) {
+            let probe = Arc::clone(r).probe(RESOLVER_PROBE_INTERVAL);
+            self.checks.push(tokio::spawn(probe));
+        }
+        self.resolver = resolver;
+        self.require_resolver = required;
+        self
+    }
+
+    /// Where the DCV session `id` lives, asked of the resolver for a
+    /// client at `client` (None: unknown).
+    pub async fn resolve_session(
+        &self,
+        id: &str,
+        transport: Transport,
+        client: Option<IpAddr>,
+    ) -> Result<Answer, ResolveError> {
+        match &self.resolver {
+            Some(r) => r.resolve(id, transport, client).await,
+            None => Err(ResolveError::Unavailable(
+                "a route names a session but no [resolver] is configured".to_owned(),
+            )),
         }
     }
 
@@ -54,6 +95,9 @@ impl Routing {
     pub fn unhealthy(&self, draining: bool) -> Option<String> {
         if draining {
             return Some("draining".to_owned());
+        }
+        if self.require_resolver && !self.resolver.as_ref().is_some_and(|r| r.is_up()) {
+            return Some("session resolver: not answering".to_owned());
         }
         let now = tokio::time::Instant::now();
         self.required.iter().find_map(|name| {

@@ -18,6 +18,7 @@ use crate::limits::{Caps, FdBudget, Limits};
 use crate::listener;
 use crate::metrics::Metrics;
 use crate::notify;
+use crate::resolver::Resolver;
 use crate::routing::{Routing, SharedRoutes};
 use crate::shutdown::{Drain, Tracker};
 use crate::terminate::certs::CertStore;
@@ -37,6 +38,9 @@ pub enum StartError {
         /// What is wrong (file and reason).
         what: String,
     },
+    /// The session resolver's client could not be built.
+    #[error("{0}")]
+    Resolver(String),
     /// A listener could not bind.
     #[error("listener {listener}: cannot listen on {addr}: {source}")]
     Bind {
@@ -50,14 +54,29 @@ pub enum StartError {
 }
 
 /// The routing state `config` describes, with its pools' health checks
-/// started (inside a runtime).
-pub fn routing(config: &Config) -> Routing {
-    Routing::start(
+/// started (inside a runtime). The resolver keeps `previous`'s cache when
+/// its URL is unchanged. Fails when the resolver's files do not load.
+pub fn routing(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    previous: Option<&Routing>,
+) -> Result<Routing, String> {
+    let resolver = match &config.resolver {
+        Some(r) => {
+            let old = previous.and_then(|p| p.resolver.as_deref());
+            let built = Resolver::new(r.clone(), Arc::clone(metrics), old)
+                .map_err(|e| format!("[resolver]: {e}"))?;
+            Some(Arc::new(built))
+        }
+        None => None,
+    };
+    Ok(Routing::start(
         config.routes.clone(),
         config.paths.clone(),
         &config.pools,
         config.required_pools.clone(),
     )
+    .with_resolver(resolver, config.require_resolver))
 }
 
 /// Derive the connection cap from the descriptor limit (raised to the
@@ -198,7 +217,8 @@ impl Server {
             .iter()
             .map(|(name, t)| (name.clone(), Arc::clone(&t.store)))
             .collect();
-        let routes = Arc::new(SharedRoutes::new(routing(&config)));
+        let routes = routing(&config, &metrics, None).map_err(StartError::Resolver)?;
+        let routes = Arc::new(SharedRoutes::new(routes));
         let (stop, stop_rx) = watch::channel(false);
         let drain = Drain::default();
         let tracker = Tracker::default();
@@ -314,8 +334,10 @@ impl Server {
 
     /// Replace the routing table and pools for new connections (SIGHUP
     /// reload). Pools start with fresh health state.
-    pub fn reload_routes(&self, config: &Config) {
-        self.routes.replace(routing(config));
+    pub fn reload_routes(&self, config: &Config) -> Result<(), String> {
+        let next = routing(config, &self.metrics, Some(&self.routes.current()))?;
+        self.routes.replace(next);
+        Ok(())
     }
 
     /// Re-read every terminate listener's certificate files (SIGHUP). A

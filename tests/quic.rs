@@ -4,13 +4,12 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::Proxy;
+use common::{metric, Proxy};
 use quinn::crypto::rustls::QuicClientConfig;
 use rustls::pki_types::PrivateKeyDer;
 use splicegate::testkit::{identity, quic_hello_datagrams, quic_initial, Identity};
@@ -156,18 +155,7 @@ fn config(a: &QuicAgent, b: &QuicAgent, trap_port: u16, extra: &str) -> String {
 }
 
 fn metrics(p: &Proxy) -> String {
-    let mut s = std::net::TcpStream::connect(p.admin.unwrap()).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
-fn metric(text: &str, prefix: &str) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+    common::admin_get(p.admin.unwrap(), "/metrics")
 }
 
 /// A UDP socket on 127.0.0.2 that counts what reaches it: an agent that
@@ -473,14 +461,21 @@ async fn client_hash_sends_a_clients_tcp_and_udp_halves_to_one_agent() {
     let mut quic = Vec::new();
     let mut tcp = Vec::new();
     for name in ["m1", "m2"] {
-        let q = agent_at(name, "fleet.test", "127.0.0.1:0".parse().unwrap()).await;
-        let t = splicegate::testkit::Agent::spawn(
-            name,
-            splicegate::testkit::server_config(&q.id).unwrap(),
-            q.addr,
-        )
-        .await
-        .expect("TCP agent on the QUIC agent's port");
+        // The UDP port the QUIC agent got may be taken on TCP (another
+        // test's connection): try another one.
+        let mut tries = 0;
+        let (q, t) = loop {
+            let q = agent_at(name, "fleet.test", "127.0.0.1:0".parse().unwrap()).await;
+            let config = splicegate::testkit::server_config(&q.id).unwrap();
+            match splicegate::testkit::Agent::spawn(name, config, q.addr).await {
+                Ok(t) => break (q, t),
+                Err(e) if tries < 20 => {
+                    tries += 1;
+                    eprintln!("TCP port {} taken ({e}); another", q.addr.port());
+                }
+                Err(e) => panic!("no port free on both TCP and UDP: {e}"),
+            }
+        };
         members.push(format!("[[pool.agents]]\naddr = \"{}\"\n", q.addr));
         quic.push(q);
         tcp.push(t);
@@ -541,4 +536,49 @@ async fn client_hash_sends_a_clients_tcp_and_udp_halves_to_one_agent() {
         chosen.insert(udp_agent);
     }
     assert_eq!(chosen.len(), 2, "16 clients should spread over both agents");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_in_the_initial_is_resolved_with_transport_quic() {
+    use common::resolver::{found, TestResolver};
+    let s = agent_at("s", "*.sessions.test", "127.0.0.1:0".parse().unwrap()).await;
+    let resolver = TestResolver::start(None).await;
+    let st = &resolver.state;
+    st.answer("q1", found("q1", "QUIC", s.addr, "/"));
+    // The TCP answer for a QUIC lookup: refused, nothing sent anywhere.
+    st.answer("q2", found("q2", "HTTP", s.addr, "/"));
+    let cfg = format!(
+        "[[udp_listener]]\nbind = \"127.0.0.1:0\"\nhello_timeout = \"1s\"\n\
+         [[session_in_name]]\nsuffix = \"sessions.test\"\n\
+         [resolver]\nurl = \"{}\"\nallow = [\"127.0.0.1/32\"]\nports = [{}]\n",
+        resolver.url("http"),
+        s.addr.port()
+    );
+    let mut p = Proxy::start(Some(&cfg), &[]);
+    let ep = client(&[&s.id], &[], Duration::from_secs(2));
+    let (name, echo) = exchange(&ep, p.addr, "q1.sessions.test", b"hello")
+        .await
+        .unwrap();
+    assert_eq!((name.as_str(), echo.as_slice()), ("s", &b"hello"[..]));
+    let routed = p.event("routed", |_| true);
+    assert_eq!(routed["route"], "session-in-name:sessions.test");
+    assert_eq!(
+        st.asked("q1"),
+        ["POST /resolveSession?sessionId=q1&transport=QUIC&clientIpAddress=127.0.0.1"]
+    );
+    assert_eq!(s.connections.load(Ordering::SeqCst), 1);
+    // A new flow (another source port: a flow is keyed by it).
+    let ep2 = client(&[&s.id], &[], Duration::from_secs(2));
+    assert!(exchange(&ep2, p.addr, "q2.sessions.test", b"x")
+        .await
+        .is_err());
+    let refused = p.closed("resolver_bad_answer");
+    assert!(
+        refused["reason"]
+            .as_str()
+            .unwrap()
+            .contains("transport \"HTTP\" for a QUIC lookup"),
+        "{refused}"
+    );
+    assert_eq!(s.connections.load(Ordering::SeqCst), 1);
 }

@@ -38,6 +38,43 @@ pub(super) struct FileConfig {
     #[serde(default)]
     pub(super) path_route: Vec<PathRouteSection>,
     pub(super) path_agent: Option<PathAgentSection>,
+    pub(super) resolver: Option<ResolverSection>,
+    #[serde(default)]
+    pub(super) session_in_name: Vec<SessionInNameSection>,
+    pub(super) session_in_request: Option<SessionInRequestSection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ResolverSection {
+    pub(super) url: Spanned<String>,
+    pub(super) ca: Option<Spanned<std::path::PathBuf>>,
+    pub(super) cert: Option<Spanned<std::path::PathBuf>>,
+    pub(super) key: Option<Spanned<std::path::PathBuf>>,
+    pub(super) timeout: Option<Spanned<Dur>>,
+    pub(super) cache_ttl: Option<Dur>,
+    pub(super) negative_ttl: Option<Dur>,
+    pub(super) cache_max: Option<Spanned<usize>>,
+    pub(super) max_in_flight: Option<Spanned<usize>>,
+    #[serde(default)]
+    pub(super) allow: Vec<Parsed<Cidr>>,
+    #[serde(default)]
+    pub(super) allow_names: Vec<Parsed<Suffix>>,
+    pub(super) ports: Option<Spanned<Vec<u16>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SessionInNameSection {
+    pub(super) suffix: Spanned<Parsed<Suffix>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SessionInRequestSection {
+    pub(super) query: Option<Spanned<String>>,
+    pub(super) path_prefix: Option<Spanned<String>>,
+    pub(super) header: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -91,6 +128,7 @@ pub(super) struct AdminSection {
     pub(super) require_pools: Vec<Spanned<String>>,
     pub(super) proxy_trusted: Option<Vec<Parsed<Cidr>>>,
     pub(super) max_connections: Option<Spanned<usize>>,
+    pub(super) require_resolver: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]

@@ -28,6 +28,7 @@ pub use summary::format_duration;
 use crate::cidr::Cidr;
 use crate::context::ListenerConfig;
 use crate::limits::Caps;
+use crate::resolver::ResolverConfig;
 use crate::route::path::PathTable;
 use crate::route::RouteTable;
 use crate::udp::UdpListenerConfig;
@@ -89,6 +90,10 @@ pub struct Config {
     pub paths: PathTable,
     /// Pools that must have a healthy agent for `/health` to answer 200.
     pub required_pools: Vec<String>,
+    /// The session resolver, for routes that name DCV sessions.
+    pub resolver: Option<ResolverConfig>,
+    /// `/health` answers 503 while the resolver does not answer.
+    pub require_resolver: bool,
 }
 
 /// The admin listener (health and metrics).
@@ -129,6 +134,8 @@ impl Default for Config {
             limits: Caps::default(),
             paths: PathTable::new(),
             required_pools: Vec::new(),
+            resolver: None,
+            require_resolver: false,
         }
     }
 }

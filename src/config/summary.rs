@@ -87,6 +87,35 @@ impl Config {
                 let _ = writeln!(s, "  {rule:<40} -> {target}");
             }
         }
+        if let Some(r) = &self.resolver {
+            let allow: Vec<String> = r.allow.iter().map(|c| c.to_string()).collect();
+            let ports: Vec<String> = r.ports.iter().map(|p| p.to_string()).collect();
+            let mtls = if r.client_cert.is_some() {
+                " client_cert"
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                s,
+                "resolver: {}{mtls} timeout={} cache_ttl={} negative_ttl={} cache_max={} max_in_flight={}",
+                r.url,
+                format_duration(r.timeout),
+                format_duration(r.cache_ttl),
+                format_duration(r.negative_ttl),
+                r.cache_max,
+                r.max_in_flight
+            );
+            let _ = writeln!(
+                s,
+                "    dials only [{}] and names under [{}], ports [{}]",
+                allow.join(", "),
+                r.allow_names.join(", "),
+                ports.join(", ")
+            );
+            if self.require_resolver {
+                let _ = writeln!(s, "health: 503 while the resolver does not answer");
+            }
+        }
         if !self.pools.is_empty() {
             let _ = writeln!(s, "pools:");
         }

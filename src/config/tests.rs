@@ -89,3 +89,51 @@ fn cli_overrides() {
     assert_eq!(c.listeners[0].engine, Engine::Copy);
     assert!(c.routes.resolve(Some("d.x.example")).is_ok());
 }
+
+#[test]
+fn session_resolver_example_parses() {
+    let text = include_str!("../../examples/session-resolver.toml");
+    let c = Config::parse(text, "examples/session-resolver.toml").unwrap();
+    let r = c.resolver.as_ref().unwrap();
+    assert_eq!(r.url, "http://resolver.internal.example:8080");
+    assert_eq!(r.ports, [8443]);
+    assert!(c.require_resolver);
+    let d = c.routes.resolve(Some("s-1.sessions.dcv.example")).unwrap();
+    assert_eq!(d.target, crate::route::Target::Session("s-1".into()));
+    assert!(c
+        .summary()
+        .contains("resolver: http://resolver.internal.example:8080"));
+}
+
+#[test]
+fn resolver_errors_name_the_key() {
+    let base = "[[listener]]\nbind = \"127.0.0.1:0\"\n";
+    for (extra, expect) in [
+        ("[[session_in_name]]\nsuffix = \"s.example\"\n", "needs a [resolver]"),
+        ("[resolver]\nurl = \"ftp://x\"\nallow = [\"10.0.0.0/8\"]\n", "http:// or https://"),
+        ("[resolver]\nurl = \"http://x\"\n", "set `allow`"),
+        ("[resolver]\nurl = \"https://x\"\nallow = [\"10.0.0.0/8\"]\n", "needs `ca`"),
+        ("[resolver]\nurl = \"http://x\"\nca = \"/nope.pem\"\nallow = [\"10.0.0.0/8\"]\n", "plain http"),
+        ("[resolver]\nurl = \"https://x\"\nca = \"/nope.pem\"\nallow = [\"10.0.0.0/8\"]\n", "ca /nope.pem"),
+        ("[resolver]\nurl = \"https://x\"\nca = \"/nope.pem\"\ncert = \"/c.pem\"\nallow = [\"10.0.0.0/8\"]\n", "give both"),
+        ("[resolver]\nurl = \"http://x\"\nallow = [\"10.0.0.0/8\"]\nports = []\n", "key `ports`"),
+        ("[resolver]\nurl = \"http://x\"\nallow = [\"10.0.0.0/8\"]\nurl_typo = 1\n", "unknown field `url_typo`"),
+        ("[resolver]\nurl = \"http://x?a=b\"\nallow = [\"10.0.0.0/8\"]\n", "without query"),
+        ("[admin]\nbind = \"127.0.0.1:0\"\nrequire_resolver = true\n", "no [resolver]"),
+        ("[resolver]\nurl = \"http://x\"\nallow = [\"10.0.0.0/8\"]\n[session_in_request]\nquery = \"a\"\nheader = \"b\"\n", "exactly one"),
+        ("[resolver]\nurl = \"http://x\"\nallow = [\"10.0.0.0/8\"]\n[session_in_request]\npath_prefix = \"session\"\n", "path prefix"),
+        ("[[agent_in_name]]\nsuffix = \"a.example\"\nallow = []\n[resolver]\nurl = \"http://x\"\nallow = [\"10.0.0.0/8\"]\n[[session_in_name]]\nsuffix = \"a.example\"\n", "already an agent-in-name"),
+    ] {
+        let text = format!("{base}{extra}");
+        let e = Config::parse(&text, "x.toml").unwrap_err().to_string();
+        assert!(e.contains(expect), "{extra}: {e}");
+    }
+    let ok = format!("{base}[resolver]\nurl = \"http://127.0.0.1:9\"\nallow = [\"10.0.0.0/8\"]\n[session_in_request]\nheader = \"X-DCV-Session\"\n");
+    let c = Config::parse(&ok, "x.toml").unwrap();
+    assert_eq!(
+        c.paths.session,
+        Some(crate::route::path::SessionSource::Header(
+            "x-dcv-session".into()
+        ))
+    );
+}

@@ -9,7 +9,8 @@ use toml::Spanned;
 
 use super::file::{
     AdminSection, Dur, FileConfig, LimitsSection, ListenerSection, PathAgentSection,
-    PathRouteSection, PoolSection, RouteSection, RoutingSection, UdpListenerSection,
+    PathRouteSection, PoolSection, ResolverSection, RouteSection, RoutingSection,
+    SessionInRequestSection, UdpListenerSection,
 };
 use super::{AdminConfig, Config, ConfigError, DEFAULT_ADMIN_CONNECTIONS, DEFAULT_DRAIN_GRACE};
 use super::{MAX_CONNECTIONS, MAX_WEIGHT};
@@ -19,7 +20,8 @@ use crate::forward::Engine;
 use crate::limits::Caps;
 use crate::net::{Keepalive, DEFAULT_KEEPALIVE};
 use crate::proxy_protocol::Mode as ProxyMode;
-use crate::route::path::{PathAgent, PrefixRoute};
+use crate::resolver::{Resolver, ResolverConfig};
+use crate::route::path::{PathAgent, PrefixRoute, SessionSource};
 use crate::route::{AgentInName, Target};
 use crate::udp::UdpListenerConfig;
 use crate::upstream::pool::{AgentConfig, CheckKind, HealthConfig, Passive, PoolConfig};
@@ -92,7 +94,8 @@ pub(super) fn config(text: &str, path: &str) -> Result<Config, ConfigError> {
         config.limits = limits(&src, l)?;
     }
     pools(&src, file.pool, &mut config)?;
-    if let Some((mut a, trusted, required)) = admin {
+    let require_resolver = admin.as_ref().and_then(|a| a.3.clone());
+    if let Some((mut a, trusted, required, _)) = admin {
         a.proxy_trusted = trusted.unwrap_or_else(|| listeners_trusted(&config.listeners));
         config.admin = Some(a);
         for r in required {
@@ -120,7 +123,178 @@ pub(super) fn config(text: &str, path: &str) -> Result<Config, ConfigError> {
     if let Some(r) = file.routing {
         routing(&src, r, &mut config)?;
     }
+    if let Some(r) = file.resolver {
+        config.resolver = Some(resolver(&src, r)?);
+    }
+    for s in file.session_in_name {
+        let suffix = s.suffix.get_ref().0 .0.clone();
+        if config.routes.has_suffix(&suffix) {
+            return Err(src.at(
+                s.suffix.span(),
+                format!(
+                    "key `suffix`: {suffix} is already an agent-in-name or session-in-name suffix"
+                ),
+            ));
+        }
+        if config.resolver.is_none() {
+            return Err(src.at(
+                s.suffix.span(),
+                "[[session_in_name]] needs a [resolver] section to ask where sessions live".into(),
+            ));
+        }
+        config.routes.add_session_in_name(suffix);
+    }
+    if let Some(r) = file.session_in_request {
+        config.paths.session = Some(session_in_request(&src, r, config.resolver.is_some())?);
+    }
+    if let Some(r) = require_resolver {
+        if *r.get_ref() && config.resolver.is_none() {
+            return Err(src.at(
+                r.span(),
+                "key `require_resolver`: there is no [resolver] section".into(),
+            ));
+        }
+        config.require_resolver = *r.get_ref();
+    }
     Ok(config)
+}
+
+/// The `[resolver]` section; its CA and client certificate are loaded
+/// here so that `check` reports a bad file.
+fn resolver(src: &Src<'_>, r: ResolverSection) -> Result<ResolverConfig, ConfigError> {
+    let url = r.url.get_ref().trim();
+    let at_url = |what: String| src.at(r.url.span(), format!("key `url`: {what}"));
+    let https = match url.split_once("://") {
+        Some(("https", _)) => true,
+        Some(("http", _)) => false,
+        _ => {
+            return Err(at_url(format!(
+                "`{url}` must start with http:// or https://"
+            )))
+        }
+    };
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|e| at_url(format!("`{url}` is not a URL: {e}")))?;
+    if uri.host().is_none_or(str::is_empty) || uri.query().is_some() || url.contains('#') {
+        return Err(at_url(format!(
+            "`{url}` must be scheme://host[:port][/path], without query or fragment"
+        )));
+    }
+    let mut c = ResolverConfig::new(url);
+    let range = |e| src.range(e);
+    match (&r.ca, https) {
+        (Some(ca), false) => {
+            return Err(src.at(
+                ca.span(),
+                "key `ca`: the resolver URL is plain http://; use https:// for TLS".into(),
+            ))
+        }
+        (None, true) => return Err(at_url(
+            "an https resolver needs `ca`, the CA certificates (PEM) that signed its certificate; splicegate uses no system trust store".into(),
+        )),
+        (ca, _) => c.ca = ca.as_ref().map(|c| c.get_ref().clone()),
+    }
+    match (&r.cert, &r.key) {
+        (None, None) => {}
+        (Some(cert), Some(key)) => {
+            if !https {
+                return Err(src.at(
+                    cert.span(),
+                    "key `cert`: a client certificate needs an https:// resolver URL".into(),
+                ));
+            }
+            c.client_cert = Some((cert.get_ref().clone(), key.get_ref().clone()));
+        }
+        (Some(one), None) | (None, Some(one)) => {
+            return Err(src.at(
+                one.span(),
+                "keys `cert` and `key`: give both (the client certificate and its key) or neither"
+                    .into(),
+            ))
+        }
+    }
+    if let Some(t) = &r.timeout {
+        c.timeout = positive(src, t, "timeout")?;
+    }
+    set(&mut c.cache_ttl, r.cache_ttl.map(|d| d.0));
+    set(&mut c.negative_ttl, r.negative_ttl.map(|d| d.0));
+    if let Some(n) = &r.cache_max {
+        c.cache_max = within(n, "cache_max", 1, MAX_CONNECTIONS).map_err(range)?;
+    }
+    if let Some(n) = &r.max_in_flight {
+        c.max_in_flight = within(n, "max_in_flight", 1, 4096).map_err(range)?;
+    }
+    c.allow = r.allow.into_iter().map(|c| c.0).collect();
+    c.allow_names = r.allow_names.into_iter().map(|s| s.0 .0).collect();
+    if c.allow.is_empty() && c.allow_names.is_empty() {
+        return Err(at_url(
+            "set `allow` (networks) and/or `allow_names` (host-name suffixes): the agents the resolver may send connections to; nothing else is dialled".into(),
+        ));
+    }
+    if let Some(p) = &r.ports {
+        if p.get_ref().is_empty() || p.get_ref().contains(&0) {
+            return Err(src.at(
+                p.span(),
+                "key `ports`: list the agent ports answers may name (1-65535)".into(),
+            ));
+        }
+        c.ports = p.get_ref().clone();
+    }
+    Resolver::check(&c).map_err(|e| at_url(format!("[resolver] {e}")))?;
+    Ok(c)
+}
+
+/// The `[session_in_request]` section: exactly one source.
+fn session_in_request(
+    src: &Src<'_>,
+    r: SessionInRequestSection,
+    has_resolver: bool,
+) -> Result<SessionSource, ConfigError> {
+    let given: Vec<(&str, &Spanned<String>)> = [
+        ("query", &r.query),
+        ("path_prefix", &r.path_prefix),
+        ("header", &r.header),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.as_ref().map(|v| (k, v)))
+    .collect();
+    let [(key, value)] = given.as_slice() else {
+        let what = "[session_in_request]: give exactly one of `query`, `path_prefix` or `header`";
+        return Err(match given.get(1) {
+            Some((_, v)) => src.at(v.span(), what.into()),
+            None => src.whole(what.into()),
+        });
+    };
+    let v = value.get_ref().as_str();
+    let bad = |why: &str| src.at(value.span(), format!("key `{key}`: {why}"));
+    if !has_resolver {
+        return Err(bad("[session_in_request] needs a [resolver] section"));
+    }
+    let token = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    };
+    match *key {
+        "query" if token(v) => Ok(SessionSource::Query(v.to_owned())),
+        "query" => Err(bad("a query parameter name of A-Z a-z 0-9 - _ .")),
+        "header" if token(v) => Ok(SessionSource::Header(v.to_ascii_lowercase())),
+        "header" => Err(bad("a header name of A-Z a-z 0-9 - _ .")),
+        _ => {
+            let ok = v.len() > 2
+                && v.starts_with('/')
+                && v.ends_with('/')
+                && v.bytes().all(|b| b.is_ascii_graphic() && b != b'?');
+            if ok {
+                Ok(SessionSource::Path(v.to_owned()))
+            } else {
+                Err(bad(
+                    "a path prefix starting and ending with `/`, such as \"/session/\"",
+                ))
+            }
+        }
+    }
 }
 
 /// The admin section, its explicit `proxy_trusted` (if given) and the
@@ -129,7 +303,15 @@ pub(super) fn config(text: &str, path: &str) -> Result<Config, ConfigError> {
 fn admin(
     src: &Src<'_>,
     a: AdminSection,
-) -> Result<(AdminConfig, Option<Vec<Cidr>>, Vec<Spanned<String>>), ConfigError> {
+) -> Result<
+    (
+        AdminConfig,
+        Option<Vec<Cidr>>,
+        Vec<Spanned<String>>,
+        Option<Spanned<bool>>,
+    ),
+    ConfigError,
+> {
     let mut cfg = AdminConfig {
         bind: a.bind.0,
         proxy_trusted: Vec::new(),
@@ -141,7 +323,7 @@ fn admin(
     let trusted = a
         .proxy_trusted
         .map(|v| v.into_iter().map(|c| c.0).collect());
-    Ok((cfg, trusted, a.require_pools))
+    Ok((cfg, trusted, a.require_pools, a.require_resolver))
 }
 
 /// Every listener's `proxy_trusted` networks, for the admin listener.

@@ -5,7 +5,9 @@
 //! 1. the command-line catch-all override (`--agent HOST:PORT`);
 //! 2. an exact name (`agent1.dcv.example`);
 //! 3. an agent-in-name suffix (`10-150-248-180.agents.example` →
-//!    `10.150.248.180:PORT`), only inside its `allow` networks;
+//!    `10.150.248.180:PORT`), only inside its `allow` networks, or a
+//!    session-in-name suffix (`SESSIONID.sessions.example` → the session,
+//!    resolved by [`crate::resolver`]);
 //! 4. a wildcard `*.suffix`, which matches exactly one more label;
 //! 5. the default route.
 //!
@@ -37,6 +39,8 @@ pub enum Target {
     },
     /// A named pool of agents; the agent is chosen at connect time.
     Pool(String),
+    /// A DCV session, resolved to its agent by the session resolver.
+    Session(String),
 }
 
 impl fmt::Display for Target {
@@ -45,6 +49,7 @@ impl fmt::Display for Target {
             Target::Addr(a) => write!(f, "{a}"),
             Target::Host { name, port } => write!(f, "{name}:{port}"),
             Target::Pool(p) => write!(f, "pool:{p}"),
+            Target::Session(s) => write!(f, "session:{s}"),
         }
     }
 }
@@ -145,6 +150,8 @@ pub enum RouteKind {
     Exact(String),
     /// An agent-in-name suffix.
     AgentInName(String),
+    /// A session-in-name suffix.
+    SessionInName(String),
     /// A `*.suffix` wildcard.
     Wildcard(String),
     /// The default route.
@@ -157,6 +164,7 @@ impl fmt::Display for RouteKind {
             RouteKind::Override => f.write_str("override"),
             RouteKind::Exact(n) => write!(f, "exact:{n}"),
             RouteKind::AgentInName(s) => write!(f, "agent-in-name:{s}"),
+            RouteKind::SessionInName(s) => write!(f, "session-in-name:{s}"),
             RouteKind::Wildcard(s) => write!(f, "wildcard:*.{s}"),
             RouteKind::Default => f.write_str("default"),
         }
@@ -231,6 +239,7 @@ pub struct RouteTable {
     exact: HashMap<String, Target>,
     wildcard: HashMap<String, Target>,
     agent_in_name: Vec<AgentInName>,
+    session_in_name: Vec<String>,
     default: Option<Target>,
     no_sni: NoSni,
     /// VPC endpoint ids allowed per exact name or wildcard suffix.
@@ -270,6 +279,24 @@ impl RouteTable {
     /// Add an agent-in-name suffix.
     pub fn add_agent_in_name(&mut self, rule: AgentInName) {
         self.agent_in_name.push(rule);
+    }
+
+    /// Add a session-in-name suffix: the first label under it is a DCV
+    /// session id.
+    pub fn add_session_in_name(&mut self, suffix: String) {
+        self.session_in_name.push(suffix);
+    }
+
+    /// Whether any route names sessions (they need a resolver).
+    pub fn has_sessions(&self) -> bool {
+        !self.session_in_name.is_empty()
+    }
+
+    /// Whether `suffix` is already an agent-in-name or session-in-name
+    /// suffix.
+    pub fn has_suffix(&self, suffix: &str) -> bool {
+        self.agent_in_name.iter().any(|r| r.suffix == suffix)
+            || self.session_in_name.iter().any(|s| s == suffix)
     }
 
     /// Set the default route.
@@ -321,6 +348,12 @@ impl RouteTable {
             out.push((
                 format!("agent-in-name *.{}", r.suffix),
                 format!("<label>:{} allow [{}]", r.port, allow.join(", ")),
+            ));
+        }
+        for s in &self.session_in_name {
+            out.push((
+                format!("session-in-name *.{s}"),
+                "<label> is a session id, asked of the resolver".to_owned(),
             ));
         }
         let mut wild: Vec<_> = self.wildcard.iter().collect();
@@ -398,6 +431,12 @@ impl RouteTable {
                     return agent_in_name(rule, sni, label);
                 }
             }
+            if let Some(s) = self.session_in_name.iter().find(|s| *s == parent) {
+                return Ok(Decision {
+                    route: RouteKind::SessionInName(s.clone()),
+                    target: Target::Session(label.to_owned()),
+                });
+            }
             if let Some(t) = self.wildcard.get(parent) {
                 return Ok(Decision {
                     route: RouteKind::Wildcard(parent.to_owned()),
@@ -432,6 +471,16 @@ fn agent_in_name(rule: &AgentInName, sni: &str, label: &str) -> Result<Decision,
         route: RouteKind::AgentInName(rule.suffix.clone()),
         target: Target::Addr(SocketAddr::new(ip, rule.port)),
     })
+}
+
+/// A DCV session id splicegate sends to a resolver: 1–128 characters of
+/// `A-Za-z0-9`, `-`, `_` and `.`, so it needs no escaping in the query and
+/// cannot smuggle anything into it.
+pub fn valid_session_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// `10-150-248-180` → 10.150.248.180. Octets are 0–255 without leading

@@ -3,12 +3,15 @@
 //!
 //! Order of precedence, first match wins:
 //! 1. the health path (default `/health`), answered by splicegate itself;
-//! 2. an agent in the path, `/{ipv4}[:port]/rest` (the scheme of the
+//! 2. a DCV session named in the request ([`SessionSource`]: a query
+//!    parameter, a path prefix `/session/ID/…` or a header), resolved by
+//!    [`crate::resolver`]; a request without one goes on to the next rules;
+//! 3. an agent in the path, `/{ipv4}[:port]/rest` (the scheme of the
 //!    nginx configurations DCV users ran), honoured only for addresses
 //!    inside the configured `allow` networks and ports. A first path
 //!    segment that looks like an IPv4 address never falls through to later
 //!    rules: it is routed, refused (403) or rejected as malformed (400);
-//! 3. the longest configured prefix (`/desk1/`); the prefix `/` is the
+//! 4. the longest configured prefix (`/desk1/`); the prefix `/` is the
 //!    default route.
 //!
 //! A path equal to a prefix without its trailing slash (`/desk1`,
@@ -24,6 +27,41 @@ use crate::route::Target;
 
 /// The route name of agents named in the path.
 pub const AGENT_IN_PATH: &str = "agent-in-path";
+
+/// Where a terminate listener finds a DCV session id in a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionSource {
+    /// A query parameter (`?sessionId=ID`, as the Gateway's clients send).
+    /// The request target reaches the agent unchanged.
+    Query(String),
+    /// A path prefix, starting and ending with `/`: `/session/ID/rest`
+    /// reaches the agent as `/rest`.
+    Path(String),
+    /// A request header (lower-case name). The request target reaches the
+    /// agent unchanged.
+    Header(String),
+}
+
+impl SessionSource {
+    /// The route name for logs and metrics.
+    pub fn route_name(&self) -> &'static str {
+        match self {
+            SessionSource::Query(_) => "session-in-query",
+            SessionSource::Path(_) => "session-in-path",
+            SessionSource::Header(_) => "session-in-header",
+        }
+    }
+}
+
+impl fmt::Display for SessionSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SessionSource::Query(q) => write!(f, "query parameter {q}"),
+            SessionSource::Path(p) => write!(f, "path {p}{{id}}/"),
+            SessionSource::Header(h) => write!(f, "header {h}"),
+        }
+    }
+}
 
 /// A configured path prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +98,8 @@ pub struct PathTable {
     /// Catch-all from `--agent HOST:PORT`: every forwarded request goes
     /// there (the health path is still answered locally).
     pub override_all: Option<Target>,
+    /// Where requests name a DCV session (None: they do not).
+    pub session: Option<SessionSource>,
 }
 
 impl Default for PathTable {
@@ -69,6 +109,7 @@ impl Default for PathTable {
             agent_in_path: None,
             prefixes: Vec::new(),
             override_all: None,
+            session: None,
         }
     }
 }
@@ -105,6 +146,12 @@ pub enum PathError {
         "path names agent {0}, which is outside the allowed networks and ports of [path_agent]"
     )]
     NotAllowed(SocketAddr),
+    /// The request names a session, but not a valid session id.
+    #[error("the {from} does not hold a valid session id (1-128 of A-Z a-z 0-9 - _ .)")]
+    BadSession {
+        /// Where the id was looked for.
+        from: String,
+    },
     /// No prefix matches and there is no `/` route.
     #[error("no route for path {0:?}")]
     NoRoute(String),
@@ -115,7 +162,7 @@ impl PathError {
     /// [`Kind::http_status`] is the status the client is answered with.
     pub fn kind(&self) -> Kind {
         match self {
-            PathError::BadAddress(_) => Kind::BadRequest,
+            PathError::BadAddress(_) | PathError::BadSession { .. } => Kind::BadRequest,
             PathError::NotEnabled(_) | PathError::NotAllowed(_) => Kind::AgentNotAllowed,
             PathError::NoRoute(_) => Kind::NoRoute,
         }
@@ -149,7 +196,10 @@ impl PathTable {
 
     /// Whether any request can be forwarded at all.
     pub fn is_empty(&self) -> bool {
-        self.prefixes.is_empty() && self.agent_in_path.is_none() && self.override_all.is_none()
+        self.prefixes.is_empty()
+            && self.agent_in_path.is_none()
+            && self.override_all.is_none()
+            && self.session.is_none()
     }
 
     /// Rules in precedence order, for `splicegate check`.
@@ -160,6 +210,12 @@ impl PathTable {
         }
         if let Some(h) = &self.health {
             out.push((format!("path {h}"), "answered locally".to_owned()));
+        }
+        if let Some(src) = &self.session {
+            out.push((
+                format!("session from the {src}"),
+                "the session's agent, asked of the resolver".to_owned(),
+            ));
         }
         if let Some(a) = &self.agent_in_path {
             let allow: Vec<String> = a.allow.iter().map(|c| c.to_string()).collect();
@@ -182,8 +238,19 @@ impl PathTable {
         out
     }
 
-    /// Route an origin-form request target (`/path?query`).
+    /// Route an origin-form request target (`/path?query`) without
+    /// headers.
     pub fn resolve(&self, target: &str) -> Result<PathDecision, PathError> {
+        self.resolve_request(target, |_| None)
+    }
+
+    /// Route an origin-form request target (`/path?query`); `header` looks
+    /// up a request header by lower-case name (for a session named in one).
+    pub fn resolve_request<'h>(
+        &self,
+        target: &str,
+        header: impl Fn(&str) -> Option<&'h [u8]>,
+    ) -> Result<PathDecision, PathError> {
         let (path, query) = match target.find('?') {
             Some(i) => target.split_at(i),
             None => (target, ""),
@@ -197,6 +264,11 @@ impl PathTable {
                 target: t.clone(),
                 path: target.to_owned(),
             });
+        }
+        if let Some(src) = &self.session {
+            if let Some(d) = session(src, target, path, query, header)? {
+                return Ok(d);
+            }
         }
         let rest = path.strip_prefix('/').unwrap_or(path);
         let (segment, after) = match rest.find('/') {
@@ -266,6 +338,67 @@ impl PathTable {
             path,
         })
     }
+}
+
+/// The session a request names through `src`, if it names one.
+fn session<'h>(
+    src: &SessionSource,
+    target: &str,
+    path: &str,
+    query: &str,
+    header: impl Fn(&str) -> Option<&'h [u8]>,
+) -> Result<Option<PathDecision>, PathError> {
+    let bad = || PathError::BadSession {
+        from: src.to_string(),
+    };
+    let forward = |id: &str, path: String| {
+        if !crate::route::valid_session_id(id) {
+            return Err(bad());
+        }
+        Ok(Some(PathDecision::Forward {
+            route: src.route_name().to_owned(),
+            target: Target::Session(id.to_owned()),
+            path,
+        }))
+    };
+    match src {
+        SessionSource::Query(name) => {
+            let found = query
+                .trim_start_matches('?')
+                .split('&')
+                .find_map(|kv| kv.strip_prefix(name.as_str())?.strip_prefix('='));
+            match found {
+                Some(id) => forward(id, target.to_owned()),
+                None => Ok(None),
+            }
+        }
+        SessionSource::Header(name) => match header(name) {
+            Some(v) => forward(
+                std::str::from_utf8(v).map_err(|_| bad())?.trim(),
+                target.to_owned(),
+            ),
+            None => Ok(None),
+        },
+        SessionSource::Path(prefix) => {
+            let Some(rest) = path.strip_prefix(prefix.as_str()) else {
+                return Ok(None);
+            };
+            match rest.find('/') {
+                Some(i) => forward(&rest[..i], format!("{}{query}", &rest[i..])),
+                None if crate::route::valid_session_id(rest) => Ok(Some(PathDecision::Redirect(
+                    format!("{prefix}{rest}/{query}"),
+                ))),
+                None => Err(bad()),
+            }
+        }
+    }
+}
+
+/// The request target for an agent that serves DCV under `web_url_path`
+/// (`/` or a prefix such as `/dcv`): `path` placed under it.
+pub fn under_web_url_path(web_url_path: &str, path: &str) -> String {
+    let base = web_url_path.trim_end_matches('/');
+    format!("{base}{path}")
 }
 
 /// A segment made only of digits, dots and at most one colon, with at

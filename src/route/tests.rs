@@ -130,3 +130,30 @@ fn patterns_and_targets() {
     }
     assert!("agent:0".parse::<Target>().is_err());
 }
+
+#[test]
+fn a_label_under_a_session_suffix_is_a_session() {
+    let mut r = table();
+    r.add_session_in_name("sessions.dcv.example".into());
+    r.insert(
+        "fixed.sessions.dcv.example".parse().unwrap(),
+        t("10.0.0.9:8443"),
+    );
+    let d = r.resolve(Some("abc-123.sessions.dcv.example")).unwrap();
+    assert_eq!(
+        d.route,
+        RouteKind::SessionInName("sessions.dcv.example".into())
+    );
+    assert_eq!(d.target, Target::Session("abc-123".into()));
+    assert_eq!(d.route.to_string(), "session-in-name:sessions.dcv.example");
+    // An exact name still wins; two labels under the suffix match nothing.
+    assert_eq!(
+        r.resolve(Some("fixed.sessions.dcv.example"))
+            .unwrap()
+            .target,
+        t("10.0.0.9:8443")
+    );
+    assert!(r.resolve(Some("a.b.sessions.dcv.example")).is_err());
+    assert!(r.has_sessions());
+    assert!(r.has_suffix("agents.dcv.example") && r.has_suffix("sessions.dcv.example"));
+}

@@ -7,7 +7,8 @@
 //! 2. read the request head, bounded in size and time, and parse it
 //!    ([`http`]);
 //! 3. route its path ([`crate::route::path`]): answer `/health`, a
-//!    redirect or an error page locally, or choose an agent;
+//!    redirect or an error page locally, or choose an agent (for a session
+//!    named in the request, the one [`crate::resolver`] answers);
 //! 4. dial it ([`crate::upstream::dial`], directly or through a pool), TLS
 //!    to the agent ([`crate::upstream::tls`]) unless `upstream_tls = "off"`;
 //! 5. send the rewritten head (`Connection: close`, or the WebSocket
@@ -38,7 +39,9 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::context::{self, Kind, ListenerCtx, Record, Refusal, TerminateConfig};
 use crate::forward::{self, Counters, End, PumpError, SendError, Side};
-use crate::route::path::{PathDecision, AGENT_IN_PATH};
+use crate::resolver::Transport;
+use crate::route::path::{under_web_url_path, PathDecision, AGENT_IN_PATH};
+use crate::route::Target;
 use crate::routing::Routing;
 use crate::upstream::tls::UpstreamTls;
 use crate::upstream::{self, DialError};
@@ -125,6 +128,7 @@ impl From<DialError> for Fail {
 fn shown_reason(status: u16, why: &str) -> &str {
     match status {
         504 => "the agent did not answer in time",
+        503 => "the session could not be looked up; try again shortly",
         500.. => "the agent could not be reached or did not answer properly",
         _ => why,
     }
@@ -209,9 +213,15 @@ impl Job<'_> {
         );
 
         let routing = self.ctx.routes.current();
+        let header = |name: &str| {
+            head.headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| *v)
+        };
         let decision = routing
             .paths
-            .resolve(head.target)
+            .resolve_request(head.target, header)
             .map_err(|e| Fail::page(e.kind(), format!("route: {e}")))?;
         if self.health_only && decision != PathDecision::Health {
             return Err(Fail::page(
@@ -242,9 +252,21 @@ impl Job<'_> {
                 path,
             } => (route, target, path),
         };
-        rec.dynamic = route == AGENT_IN_PATH;
+        rec.dynamic = route == AGENT_IN_PATH || matches!(target, Target::Session(_));
         rec.route = Some(route);
         rec.agent = Some(target.to_string());
+        let (target, path) = match target {
+            Target::Session(id) => {
+                let client = Some(self.real_client.ip());
+                let answer = routing
+                    .resolve_session(&id, Transport::Http, client)
+                    .await
+                    .map_err(|e| Fail::page(e.kind(), e.to_string()))?;
+                let path = under_web_url_path(&answer.web_url_path, &path);
+                (answer.target, path)
+            }
+            t => (t, path),
+        };
         let request_wait = self.started.elapsed();
         let (mut agent, _slot, attempt) = self.connect(&routing, &target, out_header, rec).await?;
         drop(routing);
@@ -411,7 +433,7 @@ impl Job<'_> {
     async fn connect(
         &self,
         routing: &Routing,
-        target: &crate::route::Target,
+        target: &Target,
         out_header: Vec<u8>,
         rec: &mut Record,
     ) -> Result<(Agent, Option<crate::upstream::pool::Slot>, usize), Fail> {

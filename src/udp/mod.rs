@@ -37,6 +37,7 @@ use crate::context::ACCESS_LOG;
 use crate::metrics::Metrics;
 use crate::outcome::Kind;
 use crate::quic::{InitialError, InitialSniffer};
+use crate::resolver::Transport;
 use crate::route::Target;
 use crate::routing::SharedRoutes;
 use crate::shutdown::{wait_true, Drain, Tracker};
@@ -428,7 +429,10 @@ impl Relay {
         };
         let route = decision.route.to_string();
         // An agent named by the client is one series for all (as on TCP).
-        let dynamic = matches!(decision.route, crate::route::RouteKind::AgentInName(_));
+        let dynamic = matches!(
+            decision.route,
+            crate::route::RouteKind::AgentInName(_) | crate::route::RouteKind::SessionInName(_)
+        );
         let target = match decision.target {
             Target::Pool(name) => {
                 // The first agent by the pool's policy: `client_hash` on the
@@ -465,9 +469,20 @@ impl Relay {
             target.to_string()
         };
         self.flows.insert(from, Entry::Dialling(p));
+        let routing = Arc::clone(&routing);
         tokio::spawn(
             async move {
                 let dial = async {
+                    let target = match target {
+                        Target::Session(id) => {
+                            let found = routing
+                                .resolve_session(&id, Transport::Quic, Some(from.ip()))
+                                .await;
+                            found.map_err(|e| (e.kind(), e.to_string()))?.target
+                        }
+                        t => t,
+                    };
+                    drop(routing);
                     let addr = match target {
                         Target::Addr(a) => a,
                         Target::Host { name, port } => {
@@ -481,8 +496,11 @@ impl Relay {
                                     (Kind::AgentResolve, format!("{name} has no address"))
                                 })?
                         }
-                        Target::Pool(_) => {
-                            return Err((Kind::PoolUnavailable, "nested pool".to_owned()))
+                        Target::Pool(_) | Target::Session(_) => {
+                            return Err((
+                                Kind::PoolUnavailable,
+                                format!("{target} is not an agent"),
+                            ))
                         }
                     };
                     let addr = SocketAddr::new(addr.ip(), port.unwrap_or(addr.port()));

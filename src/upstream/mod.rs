@@ -76,12 +76,12 @@ pub async fn connect(
     let attempt = async {
         let addrs: Vec<SocketAddr> = match target {
             Target::Addr(a) => vec![*a],
-            Target::Pool(p) => {
+            Target::Pool(_) | Target::Session(_) => {
                 return Err(ConnectError::Resolve {
                     target: target.to_string(),
                     source: io::Error::new(
                         io::ErrorKind::InvalidInput,
-                        format!("{p} is a pool, not an agent"),
+                        "not an agent: pools and sessions are resolved before dialling",
                     ),
                 })
             }

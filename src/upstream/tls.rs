@@ -113,7 +113,7 @@ pub async fn handshake(
         (Some(n), _) => ServerName::try_from(n.to_owned()).ok(),
         (None, Target::Addr(a)) => Some(ServerName::IpAddress(a.ip().into())),
         (None, Target::Host { name, .. }) => ServerName::try_from(name.clone()).ok(),
-        (None, Target::Pool(_)) => None,
+        (None, Target::Pool(_) | Target::Session(_)) => None,
     }
     .ok_or_else(|| TlsError::Name(agent.clone()))?;
     match tokio::time::timeout(timeout, connector.connect(server_name, tcp)).await {

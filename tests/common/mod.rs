@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod http;
+pub mod resolver;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -239,6 +240,25 @@ impl Drop for Proxy {
             let _ = c.wait();
         }
     }
+}
+
+/// One plain `GET` to an admin listener (HTTP/1.0): the whole answer,
+/// status line included.
+pub fn admin_get(addr: SocketAddr, path: &str) -> String {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the admin listener");
+    write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The sum of the `/metrics` samples whose line starts with `prefix`.
+pub fn metric(text: &str, prefix: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// A blocking TCP client that writes raw bytes.

@@ -120,3 +120,81 @@ fn no_default_means_404() {
     assert_eq!(p.resolve("/other").unwrap_err().kind(), Kind::NoRoute);
     assert_eq!(p.resolve("/").unwrap_err().kind(), Kind::NoRoute);
 }
+
+fn with_session(src: SessionSource) -> PathTable {
+    let mut p = table();
+    p.session = Some(src);
+    p
+}
+
+#[test]
+fn a_session_in_the_query_keeps_the_target() {
+    let p = with_session(SessionSource::Query("sessionId".into()));
+    let d = p.resolve("/auth?x=1&sessionId=s-1").unwrap();
+    assert_eq!(
+        d,
+        PathDecision::Forward {
+            route: "session-in-query".into(),
+            target: Target::Session("s-1".into()),
+            path: "/auth?x=1&sessionId=s-1".into(),
+        }
+    );
+    // `sessionIdX=` is another parameter; without the parameter the next
+    // rules apply.
+    assert_eq!(
+        p.resolve("/a?sessionIdX=1").unwrap(),
+        table().resolve("/a?sessionIdX=1").unwrap()
+    );
+    assert_eq!(
+        p.resolve("/a?sessionId=a%20b").unwrap_err().kind(),
+        Kind::BadRequest
+    );
+    assert_eq!(p.resolve("/health").unwrap(), PathDecision::Health);
+}
+
+#[test]
+fn a_session_in_the_path_is_stripped() {
+    let p = with_session(SessionSource::Path("/session/".into()));
+    assert_eq!(
+        p.resolve("/session/abc/x/y?q=1").unwrap(),
+        PathDecision::Forward {
+            route: "session-in-path".into(),
+            target: Target::Session("abc".into()),
+            path: "/x/y?q=1".into(),
+        }
+    );
+    assert_eq!(
+        p.resolve("/session/abc?q").unwrap(),
+        PathDecision::Redirect("/session/abc/?q".into())
+    );
+    assert_eq!(
+        p.resolve("/session//x").unwrap_err().kind(),
+        Kind::BadRequest
+    );
+    assert_eq!(
+        p.resolve("/session/a&b/").unwrap_err().kind(),
+        Kind::BadRequest
+    );
+}
+
+#[test]
+fn a_session_in_a_header() {
+    let p = with_session(SessionSource::Header("x-dcv-session".into()));
+    let hdr = |n: &str| (n == "x-dcv-session").then_some(&b" s9 "[..]);
+    assert_eq!(
+        p.resolve_request("/x", hdr).unwrap(),
+        PathDecision::Forward {
+            route: "session-in-header".into(),
+            target: Target::Session("s9".into()),
+            path: "/x".into(),
+        }
+    );
+    assert_eq!(p.resolve("/x").unwrap(), table().resolve("/x").unwrap());
+}
+
+#[test]
+fn paths_go_under_the_web_url_path() {
+    assert_eq!(under_web_url_path("/", "/x?q"), "/x?q");
+    assert_eq!(under_web_url_path("/dcv", "/x?q"), "/dcv/x?q");
+    assert_eq!(under_web_url_path("/dcv/", "/"), "/dcv/");
+}
