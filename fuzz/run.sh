@@ -6,7 +6,8 @@
 #
 # Seeds are the real captures under tests/fixtures (ClientHellos from curl,
 # openssl and Chromium; PROXY headers from HAProxy; request heads from curl
-# and Chromium); new inputs go to fuzz/corpus/<target> (not committed).
+# and Chromium; resolver answers from the documented Python resolver); new
+# inputs go to fuzz/corpus/<target> (not committed).
 # Installs cargo-fuzz when it is missing. Exits non-zero on a crash, with
 # the reproducer under fuzz/artifacts/<target>/.
 set -euo pipefail
@@ -20,7 +21,7 @@ while [ $# -gt 0 ]; do
     *) targets+=("$1"); shift ;;
   esac
 done
-[ ${#targets[@]} -gt 0 ] || targets=(client_hello proxy_header http_head path_router quic_initial)
+[ ${#targets[@]} -gt 0 ] || targets=(client_hello proxy_header http_head path_router quic_initial resolver_answer)
 
 declare -A seeds=(
   [client_hello]=../tests/fixtures/hello
@@ -28,6 +29,7 @@ declare -A seeds=(
   [http_head]=../tests/fixtures/http
   [path_router]=seeds/path_router
   [quic_initial]=seeds/quic_initial
+  [resolver_answer]=seeds/resolver_answer
 )
 
 if ! rustup toolchain list | grep -q '^nightly'; then

@@ -1,12 +1,15 @@
 //! The terminate-mode path router: never panics, dials an address from
-//! the path only inside the allowed networks and ports, and redirects only
+//! the path only inside the allowed networks and ports, hands the resolver
+//! only valid session ids, and redirects only
 //! to paths on the proxy itself (never `//host`, an open redirect).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use splicegate::cidr::Cidr;
-use splicegate::route::path::{PathAgent, PathDecision, PathTable, PrefixRoute, AGENT_IN_PATH};
-use splicegate::route::Target;
+use splicegate::route::path::{
+    PathAgent, PathDecision, PathTable, PrefixRoute, SessionSource, AGENT_IN_PATH,
+};
+use splicegate::route::{valid_session_id, Target};
 
 fn table() -> PathTable {
     let mut t = PathTable::new();
@@ -26,6 +29,7 @@ fn table() -> PathTable {
             strip,
         });
     }
+    t.session = Some(SessionSource::Path("/session/".into()));
     t
 }
 
@@ -54,6 +58,11 @@ fuzz_target!(|data: &[u8]| {
                     allow.contains(a.ip()) && [8443, 8444].contains(&a.port()),
                     "{a}"
                 );
+            } else if route == "session-in-path" {
+                let Target::Session(id) = &agent else {
+                    panic!("{agent:?}")
+                };
+                assert!(valid_session_id(id), "{id:?}");
             } else {
                 let known = ["10.0.0.1:8443", "10.0.0.2:8443", "10.0.0.3:8443"];
                 assert!(known.contains(&agent.to_string().as_str()), "{agent}");
