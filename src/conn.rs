@@ -132,6 +132,7 @@ async fn serve(
         engine: cfg.engine,
         pipe_size: cfg.pipe_size,
         idle_timeout: cfg.idle_timeout,
+        spin: cfg.spin,
     };
     let mut deadline = ctx.drain.deadline();
     Ok(forward::run(

@@ -65,6 +65,9 @@ pub struct ListenerConfig {
     pub idle_timeout: Option<Duration>,
     /// TCP keepalive on both legs (None: off).
     pub keepalive: Option<Keepalive>,
+    /// Low-latency mode: after bytes moved, check the sockets for this
+    /// long instead of waiting to be woken (None: off).
+    pub spin: Option<Duration>,
     /// PROXY protocol versions expected from trusted peers.
     pub proxy_protocol: ProxyMode,
     /// Peers whose PROXY headers are trusted (and required).
@@ -143,6 +146,7 @@ impl ListenerConfig {
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Some(Duration::from_secs(3600)),
             keepalive: Some(DEFAULT_KEEPALIVE),
+            spin: None,
             proxy_protocol: ProxyMode::Off,
             proxy_trusted: Vec::new(),
             allowed_vpce: Vec::new(),

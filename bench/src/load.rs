@@ -272,10 +272,10 @@ pub async fn idle(addr: SocketAddr, sni: &str, k: u32) -> io::Result<Vec<TcpStre
         s.write_all(b"E").await?;
         held.push(s);
     }
-    // One round trip on the last one: every hello before it has been
-    // forwarded by the time it answers (per-connection order is not
-    // guaranteed, so check a few).
-    for s in held.iter_mut().rev().take(8) {
+    // One round trip on each: every hello has been forwarded, and every
+    // connection has carried data (in low-latency mode, spun once) before
+    // it idles.
+    for s in held.iter_mut() {
         s.write_all(b"x").await?;
         let mut b = [0u8; 1];
         s.read_exact(&mut b).await?;

@@ -93,10 +93,14 @@ pub struct Params {
     setup_conns: u32,
     rtt_rounds: u32,
     concurrent_conns: u32,
+    /// The smaller concurrency point (8), measured beside `concurrent_conns`.
+    concurrent_small: u32,
     concurrent_secs: f64,
     bulk_bytes: u64,
     raw_bulk_bytes: u64,
     idle_conns: u32,
+    /// How long the proxy's CPU is watched with the idle connections held.
+    idle_secs: f64,
     repeats: u32,
     /// Tiny counts that only check the harness works (`--smoke`).
     smoke: bool,
@@ -110,10 +114,12 @@ impl Params {
                 setup_conns: 3,
                 rtt_rounds: 100,
                 concurrent_conns: 2,
+                concurrent_small: 2,
                 concurrent_secs: 0.2,
                 bulk_bytes: 1 << 20,
                 raw_bulk_bytes: 4 << 20,
                 idle_conns: 10,
+                idle_secs: 0.2,
                 repeats: 1,
                 smoke: true,
             }
@@ -123,10 +129,12 @@ impl Params {
                 setup_conns: 100,
                 rtt_rounds: 10_000,
                 concurrent_conns: 4,
+                concurrent_small: 8,
                 concurrent_secs: 2.0,
                 bulk_bytes: 512 << 20,
                 raw_bulk_bytes: 2 << 30,
                 idle_conns: 1000,
+                idle_secs: 2.0,
                 repeats: 1,
                 smoke: false,
             }
@@ -136,10 +144,12 @@ impl Params {
                 setup_conns: 200,
                 rtt_rounds: 20_000,
                 concurrent_conns: 50,
+                concurrent_small: 8,
                 concurrent_secs: 5.0,
                 bulk_bytes: 1 << 30,
                 raw_bulk_bytes: 4 << 30,
                 idle_conns: 2000,
+                idle_secs: 10.0,
                 repeats: 3,
                 smoke: false,
             }
@@ -164,6 +174,18 @@ pub struct Run {
     rtt: Option<Summary>,
     rtt_concurrent: Option<Summary>,
     ops_per_sec: Option<f64>,
+    /// rtt-concurrent at the smaller point (8 connections).
+    rtt_concurrent_small: Option<Summary>,
+    ops_per_sec_small: Option<f64>,
+    /// Whole machine's CPU per round trip, one connection (rtt test), µs.
+    machine_cpu_us_per_rtt: Option<f64>,
+    /// Whole machine's CPU per round trip at `concurrent_conns`, µs.
+    machine_cpu_us_per_op: Option<f64>,
+    /// CPU idle-state entries (all CPUs) per round trip, one connection.
+    idle_entries_per_rtt: Option<f64>,
+    /// Target processes' CPU while the idle connections are held, % of
+    /// one CPU.
+    idle_cpu_pct: Option<f64>,
     bulk_gbit: Option<f64>,
     raw_bulk_gbit: Option<f64>,
     raw_rtt: Option<Summary>,
@@ -250,6 +272,11 @@ fn parse_targets(list: &str) -> Result<Vec<Kind>, String> {
             "splicegate-splice-64k" => Ok(Kind::Splicegate("splice-64k")),
             "splicegate-splice-256k" => Ok(Kind::Splicegate("splice-256k")),
             "splicegate-splice-1m" => Ok(Kind::Splicegate("splice-1m")),
+            "splicegate-splice-spin10" => Ok(Kind::Splicegate("splice-spin10")),
+            "splicegate-splice-spin30" => Ok(Kind::Splicegate("splice-spin30")),
+            "splicegate-splice-spin50" => Ok(Kind::Splicegate("splice-spin50")),
+            "splicegate-splice-spin100" => Ok(Kind::Splicegate("splice-spin100")),
+            "splicegate-copy-spin50" => Ok(Kind::Splicegate("copy-spin50")),
             "splicegate-uring" => Ok(Kind::Splicegate("uring")),
             "splicegate-uring-splice" => Ok(Kind::Splicegate("uring-splice")),
             "haproxy" => Ok(Kind::Haproxy("")),
@@ -533,6 +560,7 @@ async fn measure(
             Some((targets::cpu_seconds(&pids) - cpu0) * 1e3 / f64::from(p.setup_conns));
     }
 
+    let (m0, i0) = (targets::machine_seconds(), targets::idle_entries());
     run.rtt = run
         .step("rtt", async {
             let (mut s, _, _) = load::tls_open(tls_addr, &tls_sni, tls).await?;
@@ -541,21 +569,33 @@ async fn measure(
                 .map(|h| load::summary(&h))
         })
         .await;
-    if let Some((s, ops)) = run
-        .step(
-            "rtt-concurrent",
-            load::rtt_concurrent(
-                tls_addr,
-                &tls_sni,
-                tls,
-                p.concurrent_conns,
-                Duration::from_secs_f64(p.concurrent_secs),
-            ),
-        )
-        .await
-    {
-        run.rtt_concurrent = Some(s);
-        run.ops_per_sec = Some(ops);
+    if run.rtt.is_some() {
+        // Warm-up rounds included: a tenth more than recorded.
+        let rounds = f64::from(p.rtt_rounds + p.rtt_rounds / 10);
+        run.machine_cpu_us_per_rtt = Some((targets::machine_seconds() - m0) * 1e6 / rounds);
+        run.idle_entries_per_rtt = Some((targets::idle_entries() - i0) as f64 / rounds);
+    }
+    for (conns, small) in [(p.concurrent_small, true), (p.concurrent_conns, false)] {
+        let m0 = targets::machine_seconds();
+        let secs = Duration::from_secs_f64(p.concurrent_secs);
+        let what = format!("rtt-concurrent {conns}");
+        let measured = run
+            .step(
+                &what,
+                load::rtt_concurrent(tls_addr, &tls_sni, tls, conns, secs),
+            )
+            .await;
+        if let Some((s, ops)) = measured {
+            if small {
+                run.rtt_concurrent_small = Some(s);
+                run.ops_per_sec_small = Some(ops);
+            } else {
+                let spent = targets::machine_seconds() - m0;
+                run.machine_cpu_us_per_op = Some(spent * 1e6 / (ops * secs.as_secs_f64()));
+                run.rtt_concurrent = Some(s);
+                run.ops_per_sec = Some(ops);
+            }
+        }
     }
     run.bulk_gbit = run
         .step("bulk", async {
@@ -594,6 +634,10 @@ async fn measure(
             let k = f64::from(p.idle_conns);
             run.idle_rss_kib_per_conn = Some((targets::rss_kib(&pids) as f64 - rss0 as f64) / k);
             run.idle_fds_per_conn = Some((targets::fds(&pids) as f64 - fds0 as f64) / k);
+            let (cpu0, t0) = (targets::cpu_seconds(&pids), Instant::now());
+            tokio::time::sleep(Duration::from_secs_f64(p.idle_secs)).await;
+            let spent = targets::cpu_seconds(&pids) - cpu0;
+            run.idle_cpu_pct = Some(spent * 100.0 / t0.elapsed().as_secs_f64());
             drop(held);
         }
     }

@@ -49,6 +49,15 @@ fn figures() -> Vec<(&'static str, Pick, usize)> {
             1,
         ),
         ("ops/s", |r| r.ops_per_sec, 0),
+        (
+            "rtt-concurrent (8) p99 µs",
+            |r| r.rtt_concurrent_small.as_ref().map(|s| s.p99),
+            1,
+        ),
+        ("ops/s (8)", |r| r.ops_per_sec_small, 0),
+        ("machine CPU µs/rtt", |r| r.machine_cpu_us_per_rtt, 1),
+        ("machine CPU µs/op (N)", |r| r.machine_cpu_us_per_op, 1),
+        ("idle entries/rtt", |r| r.idle_entries_per_rtt, 2),
         ("TLS bulk Gbit/s", |r| r.bulk_gbit, 2),
         ("raw bulk Gbit/s", |r| r.raw_bulk_gbit, 2),
         ("raw rtt p50 µs", |r| r.raw_rtt.as_ref().map(|s| s.p50), 1),
@@ -57,6 +66,7 @@ fn figures() -> Vec<(&'static str, Pick, usize)> {
         ("proxy CPU ms/conn", |r| r.proxy_cpu_ms_per_conn, 3),
         ("RSS KiB/idle conn", |r| r.idle_rss_kib_per_conn, 1),
         ("fds/idle conn", |r| r.idle_fds_per_conn, 1),
+        ("idle proxy CPU %", |r| r.idle_cpu_pct, 2),
     ]
 }
 
@@ -94,15 +104,18 @@ pub fn markdown(results: &[TargetResult], p: &Params, command: &str, clean: bool
     }
     let _ = writeln!(
         o,
-        "{} repeat(s), targets interleaved; setup {} conns, rtt {} round trips of 64 B, {} concurrent conns for {} s, TLS bulk {} MiB, raw bulk {} MiB, {} idle conns. Cells: median (min–max).\n",
+        "{} repeat(s), targets interleaved; setup {} conns, rtt {} round trips of 64 B, {} (and {}) concurrent conns for {} s, TLS bulk {} MiB, raw bulk {} MiB, {} idle conns (each after one round trip) watched for {} s. (N) = {} connections. Cells: median (min–max).\n",
         p.repeats,
         p.setup_conns,
         p.rtt_rounds,
         p.concurrent_conns,
+        p.concurrent_small,
         p.concurrent_secs,
         p.bulk_bytes >> 20,
         p.raw_bulk_bytes >> 20,
-        p.idle_conns
+        p.idle_conns,
+        p.idle_secs,
+        p.concurrent_conns
     );
     let figs = figures();
     let _ = write!(o, "| target |");

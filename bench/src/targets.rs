@@ -167,6 +167,12 @@ pub fn start(
                 "splice-1m" => ("splice", Some(1 << 20)),
                 e => (e, None),
             };
+            // `splice-spin30`, `copy-spin50`: low-latency mode with that
+            // spin window, in microseconds.
+            let (engine, spin) = match engine.split_once("-spin") {
+                Some((e, us)) => (e, us.parse::<u32>().ok()),
+                None => (engine, None),
+            };
             // The io_uring engines need a binary built with the `uring`
             // feature (bench/run.sh builds it beside the default one).
             let uring_bin;
@@ -182,6 +188,9 @@ pub fn start(
             let mut cfg = format!("[[listener]]\nbind = \"127.0.0.1:0\"\nengine = \"{engine}\"\n");
             if let Some(p) = pipe {
                 cfg.push_str(&format!("pipe_size = {p}\n"));
+            }
+            if let Some(us) = spin {
+                cfg.push_str(&format!("low_latency = \"spin\"\nspin_us = {us}\n"));
             }
             for (n, a) in &routes {
                 cfg.push_str(&format!("[[route]]\nsni = \"{n}\"\nagent = \"{a}\"\n"));
@@ -403,6 +412,27 @@ pub fn machine_seconds() -> f64 {
         .map(|(_, x)| x)
         .sum::<u64>() as f64
         / 100.0
+}
+
+/// Times any CPU entered an idle state so far (the cpuidle driver's
+/// per-state `usage`, summed over CPUs and states; 0 without cpuidle).
+/// Per round trip it shows how often a proxy's thread is put to sleep and
+/// woken again.
+pub fn idle_entries() -> u64 {
+    let Ok(cpus) = std::fs::read_dir("/sys/devices/system/cpu") else {
+        return 0;
+    };
+    cpus.flatten()
+        .filter(|c| {
+            let n = c.file_name();
+            let n = n.to_string_lossy();
+            n.starts_with("cpu") && n[3..].bytes().all(|b| b.is_ascii_digit()) && n.len() > 3
+        })
+        .filter_map(|c| std::fs::read_dir(c.path().join("cpuidle")).ok())
+        .flat_map(|states| states.flatten())
+        .filter_map(|st| std::fs::read_to_string(st.path().join("usage")).ok())
+        .filter_map(|u| u.trim().parse::<u64>().ok())
+        .sum()
 }
 
 /// Resident memory of `pids`, KiB.

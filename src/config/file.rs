@@ -140,6 +140,8 @@ pub(super) struct ListenerSection {
     pub(super) reuse_port: Option<bool>,
     pub(super) engine: Option<Engine>,
     pub(super) pipe_size: Option<Spanned<usize>>,
+    pub(super) low_latency: Option<Spanned<String>>,
+    pub(super) spin_us: Option<Spanned<u64>>,
     pub(super) hello_timeout: Option<Spanned<Dur>>,
     pub(super) hello_max_bytes: Option<Spanned<usize>>,
     pub(super) connect_timeout: Option<Spanned<Dur>>,

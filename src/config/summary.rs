@@ -27,6 +27,13 @@ impl Config {
                 format_duration(l.connect_timeout),
                 idle
             );
+            if let Some(w) = l.spin {
+                let _ = writeln!(
+                    s,
+                    "    low_latency=spin for {} us after traffic",
+                    w.as_micros()
+                );
+            }
             if l.proxy_protocol != ProxyMode::Off {
                 let trusted: Vec<String> = l.proxy_trusted.iter().map(|c| c.to_string()).collect();
                 let _ = writeln!(

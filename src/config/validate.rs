@@ -409,6 +409,7 @@ fn listener(src: &Src<'_>, i: usize, l: ListenerSection) -> Result<ListenerConfi
     if let Some(p) = &l.pipe_size {
         lc.pipe_size = within(p, "pipe_size", 4096, 1 << 20).map_err(range)?;
     }
+    lc.spin = low_latency(src, &l)?;
     if let Some(h) = &l.hello_max_bytes {
         lc.hello_max_bytes = within(h, "hello_max_bytes", 512, 1 << 20).map_err(range)?;
     }
@@ -460,6 +461,49 @@ fn listener(src: &Src<'_>, i: usize, l: ListenerSection) -> Result<ListenerConfi
 
 /// Keepalive settings; Linux caps TCP_KEEPIDLE and TCP_KEEPINTVL at
 /// 32767 s and TCP_KEEPCNT at 127 (beyond, setsockopt fails at bind time).
+/// `low_latency = "off" | "spin"` and `spin_us`: the spin window.
+fn low_latency(src: &Src<'_>, l: &ListenerSection) -> Result<Option<Duration>, ConfigError> {
+    let spin = match l
+        .low_latency
+        .as_ref()
+        .map(|m| (m.get_ref().as_str(), m.span()))
+    {
+        None | Some(("off", _)) => false,
+        Some(("spin", span)) => {
+            if matches!(
+                l.mode.as_ref().map(|m| m.get_ref().as_str()),
+                Some("terminate")
+            ) {
+                return Err(src.at(
+                    span,
+                    "key `low_latency`: applies to passthrough listeners (terminate mode has its own pump)".into(),
+                ));
+            }
+            true
+        }
+        Some((other, span)) => {
+            return Err(src.at(
+                span,
+                format!("key `low_latency`: `{other}` is not a mode: \"off\" or \"spin\""),
+            ))
+        }
+    };
+    match (&l.spin_us, spin) {
+        (Some(us), true) => Ok(Some(Duration::from_micros(
+            within(us, "spin_us", 1, 1000).map_err(|e| src.range(e))?,
+        ))),
+        (Some(us), false) => Err(src.at(
+            us.span(),
+            "key `spin_us`: set `low_latency = \"spin\"` too".into(),
+        )),
+        (None, true) => Ok(Some(Duration::from_micros(DEFAULT_SPIN_US))),
+        (None, false) => Ok(None),
+    }
+}
+
+/// The spin window of `low_latency = "spin"` without `spin_us`.
+pub(super) const DEFAULT_SPIN_US: u64 = 50;
+
 fn keepalive(src: &Src<'_>, l: &ListenerSection) -> Result<Option<Keepalive>, ConfigError> {
     let secs = |d: &Spanned<Dur>, key: &str| {
         let secs = d.get_ref().0.as_secs();

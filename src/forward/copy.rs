@@ -41,7 +41,9 @@ pub(super) enum Relayed {
 /// Read at most `max` bytes from `src` into the thread's scratch buffer
 /// and write them to `dst` at once. What `dst` does not take is appended
 /// to `pending` (allocated only then), for the caller to write after
-/// waiting for `dst` to be writable.
+/// waiting for `dst` to be writable. With `check` (a low-latency spin
+/// check) the read goes to the socket even when tokio's readiness cache
+/// says it is not readable.
 pub(super) fn relay(
     src: &TcpStream,
     dst: &TcpStream,
@@ -49,10 +51,17 @@ pub(super) fn relay(
     pending: &mut Vec<u8>,
     count: &AtomicU64,
     (from, to): (Side, Side),
+    check: bool,
 ) -> Result<Relayed, PumpError> {
     SCRATCH.with_borrow_mut(|buf| {
         let buf = &mut buf[..max.min(BULK)];
-        let n = match src.try_read(buf) {
+        let read = if check {
+            let recv = |b: &mut [u8]| io::Read::read(&mut &*socket2::SockRef::from(src), b);
+            super::spin::check(src, || recv(&mut *buf))
+        } else {
+            src.try_read(buf)
+        };
+        let n = match read {
             Ok(0) => return Ok(Relayed::Eof),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Relayed::WouldBlock),

@@ -14,6 +14,11 @@
 //!   pipe is made then, not at accept, sized with `F_SETPIPE_SZ`, and
 //!   closed when the flow turns quiet.
 //!
+//! - [`spin`] (low-latency mode): after bytes moved, read both sockets
+//!   again for a short window instead of waiting to be woken, when no other
+//!   connection of the worker is busy; so a small message's reply costs no
+//!   wake-up.
+//!
 //! Half-close: when a pump reads EOF it shuts down writing on the other
 //! socket and ends; the other direction keeps flowing until its own EOF.
 //!
@@ -24,6 +29,7 @@
 
 pub mod copy;
 mod pump;
+pub mod spin;
 pub mod splice;
 #[cfg(feature = "uring")]
 mod uring;
@@ -106,6 +112,9 @@ pub struct Options {
     pub pipe_size: usize,
     /// Close when neither direction moved a byte for this long.
     pub idle_timeout: Option<Duration>,
+    /// Low-latency mode: check the sockets for this long after bytes
+    /// moved, instead of waiting to be woken (None: off). See [`spin`].
+    pub spin: Option<Duration>,
 }
 
 /// One end of the connection.
@@ -212,23 +221,43 @@ pub async fn run(
     let idle = idle(opts.idle_timeout, up_count, down_count);
     let drained = wait_true(drain);
     tokio::pin!(idle, drained);
+    // Boxed: a connection without the mode holds one pointer for it.
+    let id = std::sync::Arc::as_ptr(counters) as usize;
+    let mut spinner = opts.spin.map(|w| Box::new(spin::Spinner::new(id, w)));
+    let total = || {
+        up_count
+            .load(Ordering::Relaxed)
+            .wrapping_add(down_count.load(Ordering::Relaxed))
+    };
     std::future::poll_fn(|cx| {
-        let a = up.poll(cx);
-        let b = down.poll(cx);
-        match (a, b) {
-            (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => {
-                return Poll::Ready(End::Failed(e));
+        // In low-latency mode, after both directions find their sockets
+        // empty, they are read again until the spin stops (see `spin`).
+        let mut check = false;
+        loop {
+            let before = total();
+            let a = up.poll(cx, check);
+            let b = down.poll(cx, check);
+            match (a, b) {
+                (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => {
+                    return Poll::Ready(End::Failed(e));
+                }
+                (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => return Poll::Ready(End::Done),
+                _ => {}
             }
-            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => return Poll::Ready(End::Done),
-            _ => {}
+            if !check {
+                if let Poll::Ready(d) = idle.as_mut().poll(cx) {
+                    return Poll::Ready(End::Idle(d));
+                }
+                if drained.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(End::Drained);
+                }
+            }
+            let moved = total() != before;
+            if !spinner.as_mut().is_some_and(|s| s.again(moved)) {
+                return Poll::Pending;
+            }
+            check = true;
         }
-        if let Poll::Ready(d) = idle.as_mut().poll(cx) {
-            return Poll::Ready(End::Idle(d));
-        }
-        if drained.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(End::Drained);
-        }
-        Poll::Pending
     })
     .await
 }

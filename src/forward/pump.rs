@@ -52,6 +52,9 @@ pub(super) struct Pump<'a> {
     short: u32,
     /// EOF passed on: the direction is finished.
     done: bool,
+    /// This poll is a low-latency spin check: read the socket itself, not
+    /// tokio's readiness cache (which only epoll updates).
+    check: bool,
 }
 
 impl<'a> Pump<'a> {
@@ -77,6 +80,7 @@ impl<'a> Pump<'a> {
             in_pipe: 0,
             short: 0,
             done: false,
+            check: false,
         }
     }
 
@@ -97,10 +101,17 @@ impl<'a> Pump<'a> {
     /// Move bytes until both sockets would block (Pending), the source
     /// ends (Ready(Ok), writing toward the destination shut down) or a
     /// socket fails.
-    pub(super) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), PumpError>> {
+    /// With `check` (a low-latency spin check), reads go to the socket
+    /// even when tokio last saw it not readable.
+    pub(super) fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        check: bool,
+    ) -> Poll<Result<(), PumpError>> {
         if self.done {
             return Poll::Ready(Ok(()));
         }
+        self.check = check;
         let mut budget = BUDGET;
         loop {
             // Write side: what was read goes out before the next read.
@@ -178,6 +189,7 @@ impl<'a> Pump<'a> {
             &mut self.pending,
             self.count,
             self.sides,
+            self.check,
         )? {
             Relayed::Eof => Ok(Poll::Ready(true)),
             Relayed::WouldBlock => {
@@ -219,10 +231,13 @@ impl<'a> Pump<'a> {
             return Ok(Poll::Ready(false));
         };
         let size = self.pipe_size;
-        match self
-            .src
-            .try_io(Interest::READABLE, || splice_once(self.src, &p.write, size))
-        {
+        let spliced = if self.check {
+            super::spin::check(self.src, || splice_once(self.src, &p.write, size))
+        } else {
+            self.src
+                .try_io(Interest::READABLE, || splice_once(self.src, &p.write, size))
+        };
+        match spliced {
             Ok(0) => Ok(Poll::Ready(true)),
             Ok(n) => {
                 self.in_pipe = n;
