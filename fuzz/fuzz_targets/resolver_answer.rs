@@ -23,8 +23,7 @@ fuzz_target!(|data: &[u8]| {
             }
             Target::Host { name, port } => {
                 assert!(
-                    name == "agents.internal.example"
-                        || name.ends_with(".agents.internal.example"),
+                    name == "agents.internal.example" || name.ends_with(".agents.internal.example"),
                     "{name}"
                 );
                 assert_eq!(*port, 8443);
