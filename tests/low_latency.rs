@@ -8,7 +8,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{alpha_agent, payload, Proxy};
+use common::{alpha_agent, echo_both_ways, payload, Proxy};
 use nix::sys::signal::Signal;
 use splicegate::testkit::{client_config, client_hello, greet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -39,20 +39,7 @@ async fn small_and_bulk(engine: &str) {
         assert_eq!(back, msg.as_bytes());
     }
     // Then bulk both ways at once.
-    let data = payload(3 << 20, 7);
-    let (mut rd, mut wr) = tokio::io::split(s);
-    let expect = data.clone();
-    let reader = tokio::spawn(async move {
-        let mut got = vec![0u8; expect.len()];
-        rd.read_exact(&mut got).await.unwrap();
-        assert!(got == expect, "echoed bytes differ");
-        rd
-    });
-    wr.write_all(&data).await.unwrap();
-    let mut s = reader.await.unwrap().unsplit(wr);
-    s.shutdown().await.unwrap();
-    let mut rest = Vec::new();
-    s.read_to_end(&mut rest).await.unwrap();
+    echo_both_ways(s, &payload(3 << 20, 7)).await;
     let ev = proxy.closed("done");
     assert!(ev["bytes_to_client"].as_u64().unwrap() > 3 << 20, "{ev}");
 }

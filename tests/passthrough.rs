@@ -8,7 +8,7 @@ mod common;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use common::{payload, Proxy};
+use common::{echo_both_ways, payload, Proxy};
 use splicegate::testkit::{
     client_config, client_hello, greet, identity, server_config, Agent, Identity,
 };
@@ -87,21 +87,7 @@ async fn bulk_both_ways(engine: &str) {
     let mut proxy = Proxy::start(Some(&config(&f, engine, "")), &[]);
     let tls = client_config(&[&f.alpha_id], &[]).unwrap();
     let (_, stream) = greet(proxy.addr, "alpha.test", tls).await.unwrap();
-    let data = payload(3 << 20, 1);
-    let (mut rd, mut wr) = tokio::io::split(stream);
-    let expect = data.clone();
-    let reader = tokio::spawn(async move {
-        let mut got = vec![0u8; expect.len()];
-        rd.read_exact(&mut got).await.unwrap();
-        assert!(got == expect, "echoed bytes differ");
-        rd
-    });
-    wr.write_all(&data).await.unwrap();
-    let rd = reader.await.unwrap();
-    let mut stream = rd.unsplit(wr);
-    stream.shutdown().await.unwrap();
-    let mut rest = Vec::new();
-    stream.read_to_end(&mut rest).await.unwrap();
+    echo_both_ways(stream, &payload(3 << 20, 1)).await;
     let ev = proxy.closed("done");
     assert!(ev["bytes_to_agent"].as_u64().unwrap() > 3 << 20, "{ev}");
     assert!(ev["bytes_to_client"].as_u64().unwrap() > 3 << 20, "{ev}");

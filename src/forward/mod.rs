@@ -234,7 +234,8 @@ pub async fn run(
         // empty, they are read again until the spin stops (see `spin`).
         let mut check = false;
         loop {
-            let before = total();
+            // The counters are read only in low-latency mode.
+            let before = spinner.is_some().then(total);
             let a = up.poll(cx, check);
             let b = down.poll(cx, check);
             match (a, b) {
@@ -252,7 +253,7 @@ pub async fn run(
                     return Poll::Ready(End::Drained);
                 }
             }
-            let moved = total() != before;
+            let moved = before.is_some_and(|b| total() != b);
             if !spinner.as_mut().is_some_and(|s| s.again(moved)) {
                 return Poll::Pending;
             }

@@ -269,6 +269,29 @@ pub fn raw_client(addr: SocketAddr, bytes: &[u8]) -> std::net::TcpStream {
     s
 }
 
+/// Write `data` on an echoing stream while reading it back concurrently,
+/// check the echo byte for byte, then half-close and read to the end.
+pub async fn echo_both_ways<S>(stream: S, data: &[u8]) -> S
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let expect = data.to_vec();
+    let reader = tokio::spawn(async move {
+        let mut got = vec![0u8; expect.len()];
+        rd.read_exact(&mut got).await.unwrap();
+        assert!(got == expect, "echoed bytes differ");
+        rd
+    });
+    wr.write_all(data).await.unwrap();
+    let mut stream = reader.await.unwrap().unsplit(wr);
+    stream.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).await.unwrap();
+    stream
+}
+
 /// Deterministic payload of `n` bytes.
 pub fn payload(n: usize, seed: u8) -> Vec<u8> {
     let mut x: u32 = 0x9e37_79b9 ^ u32::from(seed);
