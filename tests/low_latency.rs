@@ -6,7 +6,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{alpha_agent, echo_both_ways, payload, Proxy};
 use nix::sys::signal::Signal;
@@ -130,15 +130,6 @@ async fn idle_timeout_and_drain_apply_while_spinning() {
     writer.await.unwrap();
 }
 
-/// utime + stime of `pid`, in clock ticks.
-fn cpu_ticks(pid: i32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // Fields 14 and 15 of the file; `after` starts at field 3.
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_leave_the_process_at_zero_cpu() {
     let (id, agent) = alpha_agent().await;
@@ -153,16 +144,9 @@ async fn idle_connections_leave_the_process_at_zero_cpu() {
         s.read_exact(&mut b).await.unwrap();
         held.push(s);
     }
-    // /proc counts in USER_HZ, 100 on Linux.
-    let ticks_per_s = 100u64;
-    let before = cpu_ticks(proxy.pid());
-    let started = Instant::now();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let used = cpu_ticks(proxy.pid()) - before;
-    let secs = started.elapsed().as_secs_f64();
-    let share = used as f64 / ticks_per_s as f64 / secs;
+    let share = common::cpu_share(proxy.pid(), Duration::from_secs(3)).await;
     eprintln!(
-        "200 idle spinning-mode connections: {used} ticks in {secs:.1} s ({:.2} % of a CPU)",
+        "200 idle spinning-mode connections: {:.2} % of a CPU",
         share * 100.0
     );
     // Generous: a tick or two of timer and keepalive work.

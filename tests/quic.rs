@@ -214,6 +214,50 @@ async fn routes_by_sni_and_relays_ten_megabytes() {
     assert_eq!(trap.received(), 0);
 }
 
+/// Low-latency mode on a UDP listener: the listener's thread polls its
+/// sockets before sleeping. Bytes stay intact both ways, many small round
+/// trips complete, and once traffic stops the process goes back to ~0 CPU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn low_latency_mode_relays_intact_and_idles_at_zero_cpu() {
+    let (a, b, trap) = (agent("a.test").await, agent("b.test").await, Trap::new());
+    let extra = "low_latency = \"spin\"\nspin_us = 200";
+    let p = Proxy::start(Some(&config(&a, &b, trap.port(), extra)), &[]);
+    let ep = client(&[&a.id, &b.id], &[], Duration::from_secs(30));
+    let data = common::payload(4 << 20, 3);
+    let (name, echo) = exchange(&ep, p.addr, "a.test", &data).await.unwrap();
+    assert_eq!(name, "a.test");
+    assert!(echo == data, "4 MB echoed intact");
+
+    // Small round trips on one connection: each stream is one request and
+    // its echo.
+    let conn = ep.connect(p.addr, "a.test").unwrap().await.unwrap();
+    for i in 0..300u32 {
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&i.to_be_bytes()).await.unwrap();
+        send.finish().unwrap();
+        let got = recv.read_to_end(64).await.unwrap();
+        assert_eq!(&got[got.len() - 4..], &i.to_be_bytes());
+    }
+    // The connection stays open, idle (no keep-alive): no spinning.
+    let share = common::cpu_share(p.pid(), Duration::from_secs(3)).await;
+    eprintln!(
+        "idle QUIC flow in low-latency mode: {:.2} % of a CPU",
+        share * 100.0
+    );
+    assert!(
+        share < 0.02,
+        "idle process used {:.2} % of a CPU",
+        share * 100.0
+    );
+    // And it still relays.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(b"again").await.unwrap();
+    send.finish().unwrap();
+    assert!(recv.read_to_end(64).await.unwrap().ends_with(b"again"));
+    conn.close(0u32.into(), b"done");
+    assert_eq!(trap.received(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hello_spanning_two_initials_is_routed() {
     let (a, b, trap) = (agent("a.test").await, agent("b.test").await, Trap::new());

@@ -83,6 +83,40 @@ struct SuiteArgs {
     /// cite go under bench/results/NAME and are committed).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Comma-separated tests to run (default: all): setup, rtt,
+    /// rtt-concurrent, bulk, raw-bulk, raw-rtt, idle. The others' cells
+    /// stay empty.
+    #[arg(long, value_parser = parse_only)]
+    only: Option<String>,
+}
+
+/// The tests `--only` names.
+const TESTS: [&str; 7] = [
+    "setup",
+    "rtt",
+    "rtt-concurrent",
+    "bulk",
+    "raw-bulk",
+    "raw-rtt",
+    "idle",
+];
+
+fn parse_only(list: &str) -> Result<String, String> {
+    for t in list.split(',') {
+        if !TESTS.contains(&t.trim()) {
+            return Err(format!("unknown test {t:?} (one of {})", TESTS.join(", ")));
+        }
+    }
+    Ok(list.to_owned())
+}
+
+/// `--only`: the tests this run measures (unset: all).
+static ONLY: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+/// Whether the test `what` (its first word) is measured in this run.
+fn wanted(what: &str) -> bool {
+    let test = what.split_whitespace().next().unwrap_or(what);
+    ONLY.get().is_none_or(|only| only.iter().any(|t| t == test))
 }
 
 /// Counts for one run.
@@ -232,12 +266,15 @@ impl Run {
     }
 
     /// Await one test, bounded to 300 s; a failure or timeout is recorded
-    /// in `errors` and gives None.
+    /// in `errors` and gives None. A test `--only` leaves out gives None.
     async fn step<T, E: std::fmt::Display>(
         &mut self,
         what: &str,
         test: impl std::future::Future<Output = Result<T, E>>,
     ) -> Option<T> {
+        if !wanted(what) {
+            return None;
+        }
         let limit = Duration::from_secs(300);
         match tokio::time::timeout(limit, test).await {
             Ok(Ok(v)) => Some(v),
@@ -411,6 +448,9 @@ impl Bench {
 
 /// The whole run. Ok(true) when every target ran without errors.
 async fn suite(args: SuiteArgs, mode: &'static str) -> Result<bool, String> {
+    if let Some(only) = &args.only {
+        let _ = ONLY.set(only.split(',').map(|t| t.trim().to_owned()).collect());
+    }
     let params = Params::from(&args, mode);
     let bench = Bench::new(mode, args.targets.as_deref()).await?;
     let tls = bench.client();

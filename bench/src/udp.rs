@@ -37,7 +37,8 @@ pub struct UdpArgs {
     /// Repeats (default 3, 1 with --quick or --smoke).
     #[arg(long)]
     repeats: Option<u32>,
-    /// Comma-separated targets: direct, splicegate, nginx.
+    /// Comma-separated targets: direct, splicegate, splicegate-spinN (in
+    /// low-latency mode, spinning N µs), nginx.
     #[arg(long, default_value = "direct,splicegate,nginx")]
     targets: String,
     /// The splicegate binary.
@@ -220,9 +221,19 @@ fn start(
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     match name {
         "direct" => Ok((Running::none(dir), agent)),
-        "splicegate" => {
+        // `splicegate-spin50`: in low-latency mode, that spin window (µs).
+        s if s == "splicegate" || s.starts_with("splicegate-spin") => {
+            let spin = match s.strip_prefix("splicegate-spin") {
+                None => String::new(),
+                Some(us) => {
+                    let us: u32 = us
+                        .parse()
+                        .map_err(|_| format!("{s}: the spin window is a number of µs"))?;
+                    format!("low_latency = \"spin\"\nspin_us = {us}\n")
+                }
+            };
             let cfg = format!(
-                "[[udp_listener]]\nbind = \"127.0.0.1:0\"\n[[route]]\nsni = \"{SNI}\"\nagent = \"{agent}\"\n"
+                "[[udp_listener]]\nbind = \"127.0.0.1:0\"\n{spin}[[route]]\nsni = \"{SNI}\"\nagent = \"{agent}\"\n"
             );
             let file = dir.join("splicegate.toml");
             std::fs::write(&file, cfg).map_err(|e| e.to_string())?;
@@ -252,7 +263,7 @@ fn start(
             Ok((Running::spawned(addr, child, dir), addr))
         }
         other => Err(format!(
-            "unknown udp target {other:?} (direct, splicegate, nginx)"
+            "unknown udp target {other:?} (direct, splicegate, splicegate-spinN, nginx)"
         )),
     }
 }

@@ -201,6 +201,8 @@ pub(super) struct UdpListenerSection {
     pub(super) max_flows: Option<Spanned<usize>>,
     pub(super) max_flows_per_client: Option<Spanned<usize>>,
     pub(super) agent_port: Option<Spanned<u16>>,
+    pub(super) low_latency: Option<Spanned<String>>,
+    pub(super) spin_us: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]

@@ -83,6 +83,13 @@ impl Config {
                 u.max_flows_per_client,
                 u.agent_port.map_or("the route's".into(), |p| p.to_string())
             );
+            if let Some(w) = u.spin {
+                let _ = writeln!(
+                    s,
+                    "    low_latency=spin for {} us after datagrams",
+                    w.as_micros()
+                );
+            }
         }
         let _ = writeln!(s, "routes (first match wins):");
         for (rule, target) in self.routes.describe() {

@@ -137,3 +137,53 @@ fn resolver_errors_name_the_key() {
         ))
     );
 }
+
+#[test]
+fn low_latency_on_tcp_and_udp_listeners() {
+    let routes = "[[route]]\nsni = \"a.example\"\nagent = \"127.0.0.1:8443\"\n";
+    let text = format!(
+        "[[listener]]\nbind = \"127.0.0.1:0\"\nlow_latency = \"spin\"\n\
+         [[udp_listener]]\nbind = \"127.0.0.1:0\"\nlow_latency = \"spin\"\nspin_us = 120\n{routes}"
+    );
+    let c = Config::parse(&text, "x.toml").unwrap();
+    assert_eq!(c.listeners[0].spin, Some(Duration::from_micros(50)));
+    assert_eq!(c.udp_listeners[0].spin, Some(Duration::from_micros(120)));
+    let s = c.summary();
+    assert!(
+        s.contains("low_latency=spin for 50 us after traffic"),
+        "{s}"
+    );
+    assert!(
+        s.contains("low_latency=spin for 120 us after datagrams"),
+        "{s}"
+    );
+
+    let off = format!("[[udp_listener]]\nbind = \"127.0.0.1:0\"\nlow_latency = \"off\"\n{routes}");
+    assert_eq!(
+        Config::parse(&off, "x.toml").unwrap().udp_listeners[0].spin,
+        None
+    );
+
+    for (udp, want) in [
+        (
+            "spin_us = 50",
+            "x.toml:3: key `spin_us`: set `low_latency = \"spin\"` too",
+        ),
+        (
+            "low_latency = \"busy\"",
+            "x.toml:3: key `low_latency`: `busy` is not a mode",
+        ),
+        (
+            "low_latency = \"spin\"\nspin_us = 0",
+            "x.toml:4: key `spin_us`",
+        ),
+        (
+            "low_latency = \"spin\"\nspin_us = 5000",
+            "x.toml:4: key `spin_us`",
+        ),
+    ] {
+        let text = format!("[[udp_listener]]\nbind = \"127.0.0.1:0\"\n{udp}\n{routes}");
+        let e = Config::parse(&text, "x.toml").unwrap_err().to_string();
+        assert!(e.starts_with(want), "{udp}: {e}");
+    }
+}

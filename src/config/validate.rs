@@ -385,6 +385,7 @@ fn udp_listener(
     if let Some(p) = &l.agent_port {
         u.agent_port = Some(within(p, "agent_port", 1, u16::MAX).map_err(range)?);
     }
+    u.spin = spin_window(src, l.low_latency.as_ref(), l.spin_us.as_ref(), false)?;
     Ok(u)
 }
 
@@ -463,17 +464,25 @@ fn listener(src: &Src<'_>, i: usize, l: ListenerSection) -> Result<ListenerConfi
 /// 32767 s and TCP_KEEPCNT at 127 (beyond, setsockopt fails at bind time).
 /// `low_latency = "off" | "spin"` and `spin_us`: the spin window.
 fn low_latency(src: &Src<'_>, l: &ListenerSection) -> Result<Option<Duration>, ConfigError> {
-    let spin = match l
-        .low_latency
-        .as_ref()
-        .map(|m| (m.get_ref().as_str(), m.span()))
-    {
+    let terminate = matches!(
+        l.mode.as_ref().map(|m| m.get_ref().as_str()),
+        Some("terminate")
+    );
+    spin_window(src, l.low_latency.as_ref(), l.spin_us.as_ref(), terminate)
+}
+
+/// The spin window `low_latency` and `spin_us` set, for a TCP listener
+/// (`terminate`: in terminate mode) or a UDP one.
+fn spin_window(
+    src: &Src<'_>,
+    mode: Option<&Spanned<String>>,
+    spin_us: Option<&Spanned<u64>>,
+    terminate: bool,
+) -> Result<Option<Duration>, ConfigError> {
+    let spin = match mode.map(|m| (m.get_ref().as_str(), m.span())) {
         None | Some(("off", _)) => false,
         Some(("spin", span)) => {
-            if matches!(
-                l.mode.as_ref().map(|m| m.get_ref().as_str()),
-                Some("terminate")
-            ) {
+            if terminate {
                 return Err(src.at(
                     span,
                     "key `low_latency`: applies to passthrough listeners (terminate mode has its own pump)".into(),
@@ -488,7 +497,7 @@ fn low_latency(src: &Src<'_>, l: &ListenerSection) -> Result<Option<Duration>, C
             ))
         }
     };
-    match (&l.spin_us, spin) {
+    match (spin_us, spin) {
         (Some(us), true) => Ok(Some(Duration::from_micros(
             within(us, "spin_us", 1, 1000).map_err(|e| src.range(e))?,
         ))),

@@ -90,7 +90,7 @@ thread_local! {
 
 /// Whether this worker may go on spinning, counting `more` spent since
 /// its last check.
-fn worker_allows(now: Instant, more: Duration) -> bool {
+pub(crate) fn worker_allows(now: Instant, more: Duration) -> bool {
     WORKER.with(|w| {
         let (start, spent) = match w.get() {
             (Some(s), spent) if now.duration_since(s) < WINDOW => (s, spent + more),

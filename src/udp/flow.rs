@@ -129,7 +129,18 @@ impl Flow {
     /// Relay the agent's datagrams to the client through `listener` until
     /// the flow is idle for `idle` or the drain deadline passes; returns
     /// why it ended.
-    pub async fn run(&self, listener: &UdpSocket, idle: Duration, drain: &Drain) -> Kind {
+    pub async fn run(
+        self: &Arc<Self>,
+        listener: &UdpSocket,
+        idle: Duration,
+        drain: &Drain,
+    ) -> Kind {
+        let kind = self.relay(listener, idle, drain).await;
+        super::spin::forget(self);
+        kind
+    }
+
+    async fn relay(self: &Arc<Self>, listener: &UdpSocket, idle: Duration, drain: &Drain) -> Kind {
         let mut deadline = drain.deadline();
         let out = listener.as_raw_fd();
         // One timer for the flow's life, moved only when it fires: a busy
@@ -161,7 +172,7 @@ impl Flow {
 
     /// Move what the agent sent, in batches, until its socket is drained.
     /// Some(kind) ends the flow.
-    fn relay_back(&self, out: std::os::fd::RawFd) -> Option<Kind> {
+    fn relay_back(self: &Arc<Self>, out: std::os::fd::RawFd) -> Option<Kind> {
         // A bounded number of batches per wake-up, so one busy flow
         // cannot hold its worker thread.
         for _ in 0..8 {
@@ -179,6 +190,8 @@ impl Flow {
                     c.to_client_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
                     c.dropped.fetch_add((n - sent) as u64, Ordering::Relaxed);
                     self.touch();
+                    super::spin::note(self);
+                    super::spin::moved();
                     // A short batch emptied the socket: let tokio clear its
                     // readiness now rather than after another `recvmmsg`.
                     if n < super::batch::BATCH {

@@ -19,6 +19,7 @@
 
 mod batch;
 mod flow;
+mod spin;
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -79,6 +80,10 @@ pub struct UdpListenerConfig {
     /// UDP port on the agent (default: the route's port; DCV's
     /// `quic-port` is its `web-port`, 8443, unless configured otherwise).
     pub agent_port: Option<u16>,
+    /// Low-latency mode: the listener's thread polls its sockets for this
+    /// long after datagrams moved before it sleeps (None: off). See
+    /// [`spin`].
+    pub spin: Option<Duration>,
 }
 
 impl UdpListenerConfig {
@@ -93,6 +98,7 @@ impl UdpListenerConfig {
             max_flows: DEFAULT_MAX_FLOWS,
             max_flows_per_client: DEFAULT_MAX_FLOWS_PER_CLIENT,
             agent_port: None,
+            spin: None,
         }
     }
 }
@@ -204,11 +210,22 @@ pub fn spawn(
     ctx: Arc<UdpCtx>,
     stop: watch::Receiver<bool>,
 ) -> io::Result<std::thread::JoinHandle<()>> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let mut rt = tokio::runtime::Builder::new_current_thread();
+    rt.enable_all();
+    let spin = ctx.config.spin;
+    if spin.is_some() {
+        rt.on_thread_park(spin::park);
+    }
+    let rt = rt.build()?;
     let name = format!("udp-{}", ctx.config.name);
+    let watched = match spin {
+        Some(w) => Some((sock.try_clone()?, w)),
+        None => None,
+    };
     std::thread::Builder::new().name(name).spawn(move || {
+        if let Some((sock, window)) = watched {
+            spin::enable(sock, window);
+        }
         rt.block_on(async move {
             match UdpSocket::from_std(sock) {
                 Ok(sock) => serve(sock, ctx, stop).await,
@@ -217,6 +234,7 @@ pub fn spawn(
                 }
             }
         });
+        spin::disable();
     })
 }
 
@@ -282,6 +300,7 @@ impl Relay {
                             _ => self.dropped[TRUNCATED] += 1,
                         }
                     }
+                    spin::moved();
                     // A short batch emptied the socket: say so, and tokio
                     // clears its readiness without another `recvmmsg`
                     // (unless a new datagram was signalled meanwhile).
@@ -300,7 +319,10 @@ impl Relay {
     /// One client datagram.
     fn datagram(&mut self, from: SocketAddr, d: &[u8]) {
         match self.flows.get_mut(&from) {
-            Some(Entry::Active(f)) => f.to_agent(d),
+            Some(Entry::Active(f)) => {
+                f.to_agent(d);
+                spin::note(f);
+            }
             Some(Entry::Pending(_)) => self.pending(from, d),
             Some(Entry::Dialling(p)) => {
                 if p.held.len() < HELD_MAX {

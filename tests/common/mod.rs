@@ -440,3 +440,23 @@ pub async fn alpha_agent() -> (splicegate::testkit::Identity, splicegate::testki
     .unwrap();
     (id, agent)
 }
+
+/// utime + stime of `pid`, in clock ticks.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of the file; `after` starts at field 3.
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// The share of one CPU `pid` used over `during` (1.0: a whole CPU).
+pub async fn cpu_share(pid: i32, during: Duration) -> f64 {
+    // /proc counts in USER_HZ, 100 on Linux.
+    let ticks_per_s = 100.0;
+    let before = cpu_ticks(pid);
+    let started = std::time::Instant::now();
+    tokio::time::sleep(during).await;
+    let used = cpu_ticks(pid) - before;
+    used as f64 / ticks_per_s / started.elapsed().as_secs_f64()
+}
