@@ -233,6 +233,7 @@ pub async fn run(
         // In low-latency mode, after both directions find their sockets
         // empty, they are read again until the spin stops (see `spin`).
         let mut check = false;
+        let mut spun_since: Option<std::time::Instant> = None;
         loop {
             // The counters are read only in low-latency mode.
             let before = spinner.is_some().then(total);
@@ -254,7 +255,12 @@ pub async fn run(
                 }
             }
             let moved = before.is_some_and(|b| total() != b);
-            if !spinner.as_mut().is_some_and(|s| s.again(moved)) {
+            let Some(now) = spinner.as_mut().and_then(|s| s.again(moved)) else {
+                return Poll::Pending;
+            };
+            if now.duration_since(*spun_since.get_or_insert(now)) >= spin::SLICE {
+                // Other tasks of this worker get their turn.
+                cx.waker().wake_by_ref();
                 return Poll::Pending;
             }
             check = true;

@@ -23,9 +23,10 @@
 //!   at zero CPU);
 //! - while one flow is moving datagrams: when another flow moved some
 //!   within [`QUIET`], its next datagram would wait for the spin to end;
-//! - within the thread's share of spinning time
+//! - within the thread's share of spins that find nothing
 //!   ([`crate::forward::spin::SHARE_PERCENT`] % of each
-//!   [`crate::forward::spin::WINDOW`]).
+//!   [`crate::forward::spin::WINDOW`]; one that finds a datagram replaced a
+//!   wake-up and is not counted).
 //!
 //! Per datagram this costs a thread-local store (the flow's socket); per
 //! batch, a clock read. Nothing when the mode is off beyond one
@@ -39,7 +40,7 @@ use std::time::{Duration, Instant};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
 use super::Flow;
-use crate::forward::spin::{worker_allows, QUIET};
+use crate::forward::spin::{charge, worker_allows, QUIET};
 
 thread_local! {
     /// The spin window; None: the mode is off on this thread.
@@ -139,18 +140,18 @@ pub(super) fn park() {
 }
 
 /// Poll `fds` until one is readable, `until`, or the thread's share of
-/// spinning time is spent.
-fn spin(fds: &mut [PollFd<'_>], mut now: Instant, until: Instant) {
-    let mut prev = now;
-    while now < until && worker_allows(now, now.duration_since(prev)) {
+/// fruitless spinning is spent; a spin that finds nothing is charged.
+fn spin(fds: &mut [PollFd<'_>], start: Instant, until: Instant) {
+    let mut now = start;
+    while now < until && worker_allows(now, now.duration_since(start)) {
         match nix::poll::poll(fds, PollTimeout::ZERO) {
             Ok(0) => {}
             // Readable (or an error to report): the runtime takes it.
             _ => return,
         }
-        prev = now;
         now = Instant::now();
     }
+    charge(now, now.duration_since(start));
 }
 
 #[cfg(test)]
