@@ -35,9 +35,9 @@
 //! locked or logged.
 //!
 //! (Yielding between every two checks instead — waking the task and
-//! returning Pending — was measured and is worse: tokio wakes an idle
-//! worker thread when a task is queued beside others, which is exactly the
-//! wake-up this avoids. Once per [`SLICE`] costs nothing measurable.)
+//! returning Pending — was measured and is worse: tokio may wake an idle
+//! worker thread for every yielded task, which is exactly the wake-up this
+//! avoids. Once per [`SLICE`] that is at most one wake-up a millisecond.)
 
 use std::cell::Cell;
 use std::sync::atomic::Ordering::Relaxed;

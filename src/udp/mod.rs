@@ -81,8 +81,7 @@ pub struct UdpListenerConfig {
     /// `quic-port` is its `web-port`, 8443, unless configured otherwise).
     pub agent_port: Option<u16>,
     /// Low-latency mode: the listener's thread polls its sockets for this
-    /// long after datagrams moved before it sleeps (None: off). See
-    /// [`spin`].
+    /// long after datagrams moved before it sleeps (None: off).
     pub spin: Option<Duration>,
 }
 
