@@ -144,17 +144,7 @@ async fn idle_connections_leave_the_process_at_zero_cpu() {
         s.read_exact(&mut b).await.unwrap();
         held.push(s);
     }
-    let share = common::cpu_share(proxy.pid(), Duration::from_secs(3)).await;
-    eprintln!(
-        "200 idle spinning-mode connections: {:.2} % of a CPU",
-        share * 100.0
-    );
-    // Generous: a tick or two of timer and keepalive work.
-    assert!(
-        share < 0.02,
-        "idle process used {:.2} % of a CPU",
-        share * 100.0
-    );
+    common::assert_idle_cpu(proxy.pid(), "200 idle spinning-mode connections").await;
     drop(held);
 }
 

@@ -450,13 +450,21 @@ fn cpu_ticks(pid: i32) -> u64 {
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
 
-/// The share of one CPU `pid` used over `during` (1.0: a whole CPU).
-pub async fn cpu_share(pid: i32, during: Duration) -> f64 {
+/// Watch `pid` for 3 s and assert it stayed at about zero CPU: under 2 %
+/// of one CPU (generous: a tick or two of timer and keepalive work).
+/// `what` names what it holds, for the printed figure.
+pub async fn assert_idle_cpu(pid: i32, what: &str) {
     // /proc counts in USER_HZ, 100 on Linux.
     let ticks_per_s = 100.0;
     let before = cpu_ticks(pid);
     let started = std::time::Instant::now();
-    tokio::time::sleep(during).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let used = cpu_ticks(pid) - before;
-    used as f64 / ticks_per_s / started.elapsed().as_secs_f64()
+    let share = used as f64 / ticks_per_s / started.elapsed().as_secs_f64();
+    eprintln!("{what}: {:.2} % of a CPU", share * 100.0);
+    assert!(
+        share < 0.02,
+        "{what}: the process used {:.2} % of a CPU",
+        share * 100.0
+    );
 }
