@@ -16,14 +16,15 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
 use crate::cidr::Cidr;
 use crate::metrics::Metrics;
+use crate::process::{accept_gated, Gate};
 use crate::proxy_protocol::{self as pp, ReadError};
 use crate::routing::SharedRoutes;
-use crate::shutdown::Drain;
+use crate::shutdown::{Drain, Tracker};
 
 const MAX_REQUEST: usize = 8192;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -42,20 +43,27 @@ pub struct Admin {
     pub max_connections: usize,
 }
 
-/// Serve until the task is dropped.
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+/// Serve while `gate` is open (a live upgrade pauses it once the new
+/// process answers, and closes it once the socket is handed over), until
+/// the task is dropped.
+pub async fn serve(
+    listener: TcpListener,
+    admin: Arc<Admin>,
+    mut gate: watch::Receiver<Gate>,
+    tracker: Tracker,
+) {
     let permits = Arc::new(Semaphore::new(admin.max_connections.max(1)));
-    loop {
-        // At the cap, connections wait in the kernel's backlog.
-        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-            return;
-        };
-        match listener.accept().await {
+    while let Some((permit, accepted)) =
+        accept_gated(&mut gate, &permits, || listener.accept()).await
+    {
+        match accepted {
             Ok((s, peer)) => {
                 let admin = Arc::clone(&admin);
+                let guard = tracker.enter();
                 tokio::spawn(async move {
                     let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(s, peer, &admin)).await;
                     drop(permit);
+                    drop(guard);
                 });
             }
             Err(e) => {

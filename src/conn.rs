@@ -19,10 +19,11 @@ use tracing::field::Empty;
 use tracing::Instrument;
 
 use crate::context::{self, Kind, ListenerConfig, ListenerCtx, Record, Refusal, SendProxy};
-use crate::forward;
+use crate::forward::{self, End};
 use crate::proxy_protocol::{self as pp, Command, Header};
 use crate::resolver::{ResolveError, Transport};
 use crate::route::{RouteKind, Target};
+use crate::session::{Handoff, Info as SessionInfo, Open, Transport as SessionTransport};
 use crate::sniff::{self, SniffError};
 use crate::terminate::{self, Tls};
 use crate::upstream;
@@ -39,68 +40,197 @@ pub async fn handle(
     let span = tracing::info_span!("conn", id, peer = %peer, client = Empty, vpce = Empty, listener = %ctx.config.name);
     async move {
         let started = Instant::now();
-        let name = ctx.config.name.as_str();
-        ctx.metrics.accepted(name);
+        ctx.metrics.accepted(&ctx.config.name);
         let mut rec = Record::default();
-        let (outcome, reason) =
-            match serve(client, peer, &ctx, tls.as_deref(), started, &mut rec, id).await {
-                Ok(end) => (end.kind(), end.to_string()),
-                Err(refusal) => (refusal.kind, refusal.why),
-            };
-        let route = rec.route.as_deref().unwrap_or("-");
-        let agent = rec.agent.as_deref().unwrap_or("-");
-        ctx.metrics
-            .closed(id, name, route, rec.metrics_agent(), outcome);
-        if let Some(code) = rec.status {
-            ctx.metrics.http_status(name, code);
-        }
-        let (to_agent, to_client) = rec.counters.as_ref().map_or((0, 0), |c| {
-            use std::sync::atomic::Ordering::Relaxed;
-            (c.to_agent.load(Relaxed), c.to_client.load(Relaxed))
-        });
-        let duration_ms = started.elapsed().as_millis() as u64;
-        let path = rec.path.as_deref().unwrap_or("-");
-        let status = rec.status.map_or_else(|| "-".to_owned(), |s| s.to_string());
-        macro_rules! closed {
-            ($level:ident) => {
-                tracing::$level!(
-                    target: context::ACCESS_LOG,
-                    event = "closed",
-                    sni = rec.sni(),
-                    alpn = %rec.alpn(),
-                    route,
-                    agent,
-                    path,
-                    status = %status,
-                    bytes_to_agent = to_agent,
-                    bytes_to_client = to_client,
-                    duration_ms,
-                    outcome = outcome.as_str(),
-                    reason = %reason,
-                    "connection closed"
-                )
-            };
-        }
-        // Health probes arrive every few seconds per load balancer node;
-        // like HAProxy's `dontlognull` they stay out of the access log.
-        if rec.probe {
-            closed!(debug);
-        } else {
-            closed!(info);
-        }
+        let end = serve(client, peer, &ctx, tls.as_deref(), started, &mut rec, id).await;
+        finish(&ctx, &rec, id, started, end);
     }
     .instrument(span)
     .await
 }
 
+/// A passthrough connection handed over by the previous process of a live
+/// upgrade.
+#[derive(Debug)]
+pub struct Adopted {
+    /// What the access log says about it (its id is kept).
+    pub info: SessionInfo,
+    /// The client's socket.
+    pub client: std::net::TcpStream,
+    /// The agent's socket.
+    pub agent: std::net::TcpStream,
+    /// What each direction holds: written first.
+    pub paused: forward::Paused,
+    /// Bytes (to the agent, to the client) moved by the previous process.
+    pub bytes: (u64, u64),
+    /// How long ago it was accepted.
+    pub age: std::time::Duration,
+}
+
+/// Go on forwarding a connection the previous process handed over, on
+/// the listener it came from: the same span fields and id, its pool slot
+/// and client share taken again (even above a cap: it is established),
+/// and at its end a `closed` line with the whole session's totals.
+pub fn adopt(ctx: Arc<ListenerCtx>, a: Adopted, guard: crate::shutdown::Guard) {
+    let info = &a.info;
+    let span = tracing::info_span!("conn", id = info.id, peer = %info.peer, client = %info.client, vpce = Empty, listener = %ctx.config.name);
+    if let Some(v) = &info.vpce {
+        span.record("vpce", v.as_str());
+    }
+    tokio::spawn(
+        async move {
+            let now = Instant::now();
+            let started = now.checked_sub(a.age).unwrap_or(now);
+            let id = a.info.id;
+            let counters = Arc::new(forward::Counters::default());
+            counters.to_agent.store(a.bytes.0, std::sync::atomic::Ordering::Relaxed);
+            counters.to_client.store(a.bytes.1, std::sync::atomic::Ordering::Relaxed);
+            let rec = Record {
+                hello: Some(sniff::ClientHello {
+                    sni: a.info.sni.clone(),
+                    alpn: a.info.alpn.clone(),
+                    ech: false,
+                }),
+                route: Some(a.info.route.clone()),
+                agent: Some(a.info.agent.clone()),
+                counters: Some(Arc::clone(&counters)),
+                dynamic: a.info.dynamic,
+                ..Record::default()
+            };
+            let key = (
+                ctx.config.name.clone(),
+                a.info.route.clone(),
+                rec.metrics_agent().to_owned(),
+            );
+            ctx.metrics.adopted(id, key, Arc::clone(&counters));
+            let streams = a
+                .client
+                .set_nonblocking(true)
+                .and_then(|()| a.agent.set_nonblocking(true))
+                .and_then(|()| TcpStream::from_std(a.client))
+                .and_then(|c| Ok((c, TcpStream::from_std(a.agent)?)));
+            let (client, agent) = match streams {
+                Ok(s) => s,
+                Err(e) => {
+                    let end = Ok(End::Failed(forward::PumpError::Read {
+                        side: forward::Side::Client,
+                        source: e,
+                    }));
+                    finish(&ctx, &rec, id, started, end);
+                    return;
+                }
+            };
+            let agent_slot = a
+                .info
+                .pool
+                .as_deref()
+                .and_then(|pool| ctx.routes.current().adopt_slot(pool, &a.info.agent));
+            let client_slot = ctx.limits.adopt_client(a.info.client.ip());
+            let permit = ctx.limits.try_admit();
+            let open = ctx.sessions.open(
+                a.info,
+                crate::session::Bytes::Stream(Arc::clone(&counters)),
+                matches!(ctx.config.engine, forward::Engine::Splice | forward::Engine::Copy),
+            );
+            let ready = Ready {
+                client,
+                agent,
+                counters,
+                open,
+                from: Some(Box::new(a.paused)),
+                _agent_slot: agent_slot,
+                _client_slot: client_slot,
+            };
+            tracing::debug!(target: context::ACCESS_LOG, event = "adopted", "connection taken over from the previous process");
+            let end = forward_until_end(&ctx, ready, started).await;
+            finish(&ctx, &rec, id, started, Ok(end));
+            drop(permit);
+            drop(guard);
+        }
+        .instrument(span),
+    );
+}
+
+/// The end of a connection: `/metrics`, and the access log's `closed`
+/// line (or, for one that moved to the new process of a live upgrade, a
+/// debug line: the new process writes its `closed`).
+pub(crate) fn finish(
+    ctx: &ListenerCtx,
+    rec: &Record,
+    id: u64,
+    started: Instant,
+    end: Result<End, Refusal>,
+) {
+    let name = ctx.config.name.as_str();
+    let (outcome, reason) = match end {
+        Ok(End::HandedOver) => {
+            ctx.metrics.handed_over(id, name);
+            tracing::debug!(
+                target: context::ACCESS_LOG,
+                event = "handed_over",
+                "connection handed over to the new process"
+            );
+            return;
+        }
+        Ok(end) => (end.kind(), end.to_string()),
+        Err(refusal) => (refusal.kind, refusal.why),
+    };
+    let route = rec.route.as_deref().unwrap_or("-");
+    let agent = rec.agent.as_deref().unwrap_or("-");
+    ctx.metrics
+        .closed(id, name, route, rec.metrics_agent(), outcome);
+    if let Some(code) = rec.status {
+        ctx.metrics.http_status(name, code);
+    }
+    let (to_agent, to_client) = rec.counters.as_ref().map_or((0, 0), |c| {
+        use std::sync::atomic::Ordering::Relaxed;
+        (c.to_agent.load(Relaxed), c.to_client.load(Relaxed))
+    });
+    let duration_ms = started.elapsed().as_millis() as u64;
+    let path = rec.path.as_deref().unwrap_or("-");
+    let status = rec.status.map_or_else(|| "-".to_owned(), |s| s.to_string());
+    macro_rules! closed {
+        ($level:ident) => {
+            tracing::$level!(
+                target: context::ACCESS_LOG,
+                event = "closed",
+                sni = rec.sni(),
+                alpn = %rec.alpn(),
+                route,
+                agent,
+                path,
+                status = %status,
+                bytes_to_agent = to_agent,
+                bytes_to_client = to_client,
+                duration_ms,
+                outcome = outcome.as_str(),
+                reason = %reason,
+                "connection closed"
+            )
+        };
+    }
+    // Health probes arrive every few seconds per load balancer node;
+    // like HAProxy's `dontlognull` they stay out of the access log.
+    if rec.probe {
+        closed!(debug);
+    } else {
+        closed!(info);
+    }
+}
+
 /// A passthrough connection ready to forward: both legs, and what must
 /// live as long as they do.
-struct Ready {
-    client: TcpStream,
-    agent: TcpStream,
-    counters: Arc<forward::Counters>,
-    _agent_slot: Option<upstream::pool::Slot>,
-    _client_slot: Option<crate::limits::ClientSlot>,
+pub(crate) struct Ready {
+    pub(crate) client: TcpStream,
+    pub(crate) agent: TcpStream,
+    pub(crate) counters: Arc<forward::Counters>,
+    /// Its entry among the open sessions.
+    pub(crate) open: Open,
+    /// What each direction holds (a session adopted from the previous
+    /// process of a live upgrade; None for a new one).
+    pub(crate) from: Option<Box<forward::Paused>>,
+    pub(crate) _agent_slot: Option<upstream::pool::Slot>,
+    pub(crate) _client_slot: Option<crate::limits::ClientSlot>,
 }
 
 /// How the first steps ended.
@@ -123,10 +253,28 @@ async fn serve(
     // The first steps run boxed: their state is freed once the connection
     // forwards, so an idle connection's task holds only what forwarding
     // needs.
-    let ready = match Box::pin(prepare(client, peer, ctx, tls, started, rec, id)).await? {
-        Prepared::Ready(r) => r,
+    // The prepared `Ready` is a temporary of this statement: it does not
+    // also take room in this future while the forwarding future (which
+    // owns it) runs.
+    let forwarding = match Box::pin(prepare(client, peer, ctx, tls, started, rec, id)).await? {
+        Prepared::Ready(r) => forward_until_end(ctx, r, started),
         Prepared::Served(end) => return Ok(end),
     };
+    Ok(forwarding.await)
+}
+
+/// Forward until the connection ends or moves to the new process of a
+/// live upgrade. A pause whose handoff the upgrade gives back (the new
+/// process did not take it) goes on here from where it stopped.
+///
+/// A plain function returning an `async move` block: an `async fn` would
+/// hold its `Ready` argument twice in its future (argument and body local),
+/// and every idle connection's task holds this future.
+pub(crate) fn forward_until_end(
+    ctx: &ListenerCtx,
+    mut ready: Ready,
+    started: Instant,
+) -> impl std::future::Future<Output = End> + '_ {
     let cfg = &ctx.config;
     let opts = forward::Options {
         engine: cfg.engine,
@@ -134,15 +282,80 @@ async fn serve(
         idle_timeout: cfg.idle_timeout,
         spin: cfg.spin,
     };
-    let mut deadline = ctx.drain.deadline();
-    Ok(forward::run(
-        &ready.client,
-        &ready.agent,
-        opts,
-        &mut deadline,
-        &ready.counters,
-    )
-    .await)
+    async move {
+        // The slots in `ready` are held until the session ends here or
+        // moves.
+        loop {
+            let session = ready.open.session();
+            let from = ready.from.take();
+            let (client, agent, counters) = (&ready.client, &ready.agent, &ready.counters);
+            let end = forward::run(client, agent, opts, &session.stop, counters, from).await;
+            let End::Paused(paused) = end else {
+                return end;
+            };
+            // Boxed: an idle connection's task does not carry the handoff.
+            let offered = Box::pin(offer(ctx, ready, paused, started));
+            ready = match offered.await {
+                Ok(end) => return end,
+                Err(back) => back,
+            };
+        }
+    }
+}
+
+/// Offer a paused connection to the live upgrade in progress. Taken:
+/// [`End::HandedOver`]. Given back: the connection, with what each
+/// direction holds, to go on here.
+async fn offer(
+    ctx: &ListenerCtx,
+    ready: Ready,
+    paused: Box<forward::Paused>,
+    started: Instant,
+) -> Result<End, Ready> {
+    let failed = |source| {
+        End::Failed(forward::PumpError::Read {
+            side: forward::Side::Client,
+            source,
+        })
+    };
+    let Ready {
+        client,
+        agent,
+        counters,
+        open,
+        from: _,
+        _agent_slot,
+        _client_slot,
+    } = ready;
+    let (c, a) = match client.into_std().and_then(|c| Ok((c, agent.into_std()?))) {
+        Ok(s) => s,
+        Err(e) => return Ok(failed(e)),
+    };
+    let session = Arc::clone(open.session());
+    let handoff = Handoff {
+        session: Arc::clone(&session),
+        client: c,
+        agent: a,
+        paused: *paused,
+        age: started.elapsed(),
+    };
+    let back = match ctx.sessions.hand_off(handoff).await {
+        Ok(()) => return Ok(End::HandedOver),
+        Err(back) => back,
+    };
+    session.stop.withdraw(crate::shutdown::Halt::Handover);
+    match TcpStream::from_std(back.client).and_then(|c| Ok((c, TcpStream::from_std(back.agent)?))) {
+        Ok((client, agent)) => Err(Ready {
+            client,
+            agent,
+            counters,
+            open,
+            from: Some(Box::new(back.paused)),
+            _agent_slot,
+            _client_slot,
+        }),
+        Err(e) => Ok(failed(e)),
+    }
 }
 
 /// PROXY header, ClientHello, route, dial and replay: everything before
@@ -185,6 +398,11 @@ async fn prepare(
     };
     let real_client = header.as_ref().and_then(|h| h.source).unwrap_or(peer);
     let vpce = header.as_ref().and_then(|h| h.tlvs.vpce_id.clone());
+    let parties = context::Parties {
+        peer,
+        client: real_client,
+        vpce: vpce.clone(),
+    };
     let span = tracing::Span::current();
     span.record("client", tracing::field::display(real_client));
     if let Some(v) = &vpce {
@@ -280,7 +498,7 @@ async fn prepare(
             tls,
             started,
             id,
-            real_client,
+            parties: &parties,
             health_only,
         };
         return job
@@ -304,6 +522,10 @@ async fn prepare(
         decision.route,
         RouteKind::AgentInName(_) | RouteKind::SessionInName(_)
     );
+    let pool = match &decision.target {
+        Target::Pool(name) => Some(name.clone()),
+        _ => None,
+    };
     let target = match decision.target {
         // The ClientHello waits for the resolver, within its deadline.
         Target::Session(id) => {
@@ -339,7 +561,21 @@ async fn prepare(
     // before any spliced byte. Bounded: an agent that accepts and never
     // reads must not hold the connection before forwarding (and its idle
     // timeout) begins.
-    let counters = context::register(ctx, rec, id, connect_time);
+    let movable = matches!(cfg.engine, forward::Engine::Splice | forward::Engine::Copy);
+    let reg = context::register(
+        ctx,
+        rec,
+        context::Registration {
+            id,
+            connect: connect_time,
+            age: started.elapsed(),
+            parties: &parties,
+            pool,
+            transport: SessionTransport::Tcp,
+            movable,
+        },
+    );
+    let counters = reg.counters;
     for bytes in [out_header.as_slice(), replay.as_slice()] {
         forward::send_within(&mut agent, bytes, cfg.connect_timeout, &counters.to_agent)
             .await
@@ -362,6 +598,8 @@ async fn prepare(
         client,
         agent,
         counters,
+        open: reg.open,
+        from: None,
         _agent_slot: dialled.slot,
         _client_slot: client_slot,
     }))
@@ -429,6 +667,7 @@ mod tests {
             drain: Drain::default(),
             metrics: Arc::default(),
             limits: Arc::new(Limits::new(Caps::default())),
+            sessions: Arc::default(),
         });
         let peer = "127.0.0.1:1".parse().unwrap();
         let size = std::mem::size_of_val(&handle(c, peer, ctx, None, 1));

@@ -22,6 +22,7 @@ use crate::net::{Keepalive, DEFAULT_KEEPALIVE};
 pub use crate::outcome::{Kind, Refusal};
 use crate::proxy_protocol::Mode as ProxyMode;
 use crate::routing::SharedRoutes;
+use crate::session::{self, Open, Sessions, Transport};
 use crate::shutdown::Drain;
 use crate::sniff::ClientHello;
 use crate::upstream::tls::UpstreamTls;
@@ -38,6 +39,8 @@ pub struct ListenerCtx {
     pub metrics: Arc<Metrics>,
     /// Connection limits.
     pub limits: Arc<Limits>,
+    /// The open sessions of the process.
+    pub sessions: Arc<Sessions>,
 }
 
 /// Settings of one listener.
@@ -223,14 +226,47 @@ impl Record {
     }
 }
 
-/// Register a connection that starts forwarding with `/metrics` and the
-/// access record; returns its byte counters.
-pub fn register(
-    ctx: &ListenerCtx,
-    rec: &mut Record,
-    id: u64,
-    connect_time: Duration,
-) -> Arc<Counters> {
+/// A connection that forwards: its byte counters and its entry among the
+/// open sessions (removed when this is dropped).
+pub struct Registered {
+    /// Bytes moved each way.
+    pub counters: Arc<Counters>,
+    /// The open session.
+    pub open: Open,
+}
+
+/// Who a connection is between, for the open-session list.
+#[derive(Debug, Clone)]
+pub struct Parties {
+    /// The TCP peer (the load balancer over PrivateLink).
+    pub peer: SocketAddr,
+    /// The real client, from the PROXY header (else the peer).
+    pub client: SocketAddr,
+    /// The PrivateLink endpoint id from the PROXY header.
+    pub vpce: Option<String>,
+}
+
+/// What [`register`] needs besides the record.
+pub struct Registration<'a> {
+    /// The connection id.
+    pub id: u64,
+    /// How long the agent took to connect.
+    pub connect: Duration,
+    /// How long ago the connection was accepted.
+    pub age: Duration,
+    /// Who it is between.
+    pub parties: &'a Parties,
+    /// The pool the agent was chosen from.
+    pub pool: Option<String>,
+    /// Passthrough or terminate.
+    pub transport: Transport,
+    /// A live upgrade may move it to a new process.
+    pub movable: bool,
+}
+
+/// Register a connection that starts forwarding with `/metrics`, the open
+/// sessions and the access record.
+pub fn register(ctx: &ListenerCtx, rec: &mut Record, r: Registration<'_>) -> Registered {
     let counters = Arc::new(Counters::default());
     let key = (
         ctx.config.name.clone(),
@@ -238,9 +274,35 @@ pub fn register(
         rec.metrics_agent().to_owned(),
     );
     ctx.metrics
-        .forwarding(id, key, connect_time, Arc::clone(&counters));
+        .forwarding(r.id, key, r.connect, Arc::clone(&counters));
     rec.counters = Some(Arc::clone(&counters));
-    counters
+    let info = session::Info {
+        id: r.id,
+        transport: r.transport,
+        listener: ctx.config.name.clone(),
+        peer: r.parties.peer,
+        client: r.parties.client,
+        vpce: r.parties.vpce.clone(),
+        sni: rec.hello.as_ref().and_then(|h| h.sni.clone()),
+        alpn: rec
+            .hello
+            .as_ref()
+            .map(|h| h.alpn.clone())
+            .unwrap_or_default(),
+        route: rec.route.clone().unwrap_or_else(|| "-".to_owned()),
+        agent: rec.agent.clone().unwrap_or_else(|| "-".to_owned()),
+        pool: r.pool,
+        dynamic: rec.dynamic,
+        started: std::time::SystemTime::now()
+            .checked_sub(r.age)
+            .unwrap_or(std::time::UNIX_EPOCH),
+    };
+    let open = ctx.sessions.open(
+        info,
+        session::Bytes::Stream(Arc::clone(&counters)),
+        r.movable,
+    );
+    Registered { counters, open }
 }
 
 /// The tracing target of the access log's events, in both modes.

@@ -59,6 +59,24 @@ impl Limits {
         permit
     }
 
+    /// A global permit if one is free now (a connection adopted in a live
+    /// upgrade is served either way: it is established).
+    pub fn try_admit(&self) -> Option<OwnedSemaphorePermit> {
+        Arc::clone(self.conns.as_ref()?).try_acquire_owned().ok()
+    }
+
+    /// A share for `ip` even at the cap (a connection adopted in a live
+    /// upgrade already holds it).
+    pub fn adopt_client(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
+        self.per_client?;
+        let mut c = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        *c.entry(ip).or_default() += 1;
+        Some(ClientSlot {
+            limits: Arc::clone(self),
+            ip,
+        })
+    }
+
     /// Take a share for `ip`, or Err(current count) when at the cap.
     pub fn enter_client(self: &Arc<Self>, ip: IpAddr) -> Result<Option<ClientSlot>, usize> {
         let Some(max) = self.per_client else {

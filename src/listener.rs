@@ -1,66 +1,47 @@
-//! Listening sockets: socket2 setup and the accept loop.
+//! The accept loop of a TCP listener. Its sockets come from
+//! [`crate::inventory`] (bound there, or handed over by the previous
+//! process of a live upgrade).
 
 use std::io;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::conn;
 use crate::context::ListenerCtx;
-use crate::shutdown::{wait_true, Tracker};
+use crate::process::{gate_open, gate_shut, Gate};
+use crate::session::next_id;
+use crate::shutdown::Tracker;
 use crate::terminate::Tls;
 
-/// Bind a listening socket: SO_REUSEADDR always, SO_REUSEPORT on request,
-/// IPV6_V6ONLY for IPv6 so `[::]:P` and `0.0.0.0:P` can coexist.
-pub fn bind(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<std::net::TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    if reuse_port {
-        socket.set_reuse_port(true)?;
-    }
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.set_cloexec(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
-    Ok(socket.into())
-}
-
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-
-/// A new connection (or QUIC flow) id, unique in the process.
-pub fn next_id() -> u64 {
-    NEXT_ID.fetch_add(1, Ordering::Relaxed)
-}
-
-/// Accept until `stop` turns true, spawning one task per connection.
+/// Accept while `gate` is open, spawning one task per connection: paused,
+/// new connections wait in the socket's queue; closed, the loop ends and
+/// drops its socket.
 pub async fn serve(
     listener: TcpListener,
     ctx: Arc<ListenerCtx>,
     tls: Option<Arc<Tls>>,
-    mut stop: watch::Receiver<bool>,
+    mut gate: watch::Receiver<Gate>,
     tracker: Tracker,
 ) {
     let mut starved = false;
     let mut full = false;
     loop {
+        if !gate_open(&mut gate).await {
+            break;
+        }
         // Take a global connection permit before accepting: at the cap, new
         // connections wait in the kernel's backlog.
         let permit = tokio::select! {
             biased;
-            _ = wait_true(&mut stop) => break,
+            _ = gate_shut(&mut gate) => continue,
             p = ctx.limits.admit(&mut full) => p,
         };
         let accepted = tokio::select! {
             biased;
-            _ = wait_true(&mut stop) => break,
+            _ = gate_shut(&mut gate) => continue,
             r = listener.accept() => r,
         };
         match accepted {
@@ -104,7 +85,6 @@ fn is_exhaustion(e: &io::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::net::DEFAULT_KEEPALIVE;
     use socket2::SockRef;
 
@@ -112,7 +92,11 @@ mod tests {
     /// are copied to accepted sockets.
     #[test]
     fn accepted_sockets_inherit_nodelay_and_keepalive() {
-        let l = bind("127.0.0.1:0".parse().unwrap(), 16, false).unwrap();
+        let inv = crate::inventory::Inventory::default();
+        let addr = "127.0.0.1:0".parse().unwrap();
+        let (l, _) = inv
+            .tcp(crate::inventory::Kind::Tcp, addr, 16, false)
+            .unwrap();
         crate::net::tune_sock(SockRef::from(&l), Some(DEFAULT_KEEPALIVE)).unwrap();
         l.set_nonblocking(false).unwrap();
         let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();

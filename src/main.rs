@@ -5,11 +5,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use splicegate::config::{AgentArg, CliTls, Config};
+use splicegate::config::{AgentArg, CliTls, Config, ControlSocket};
 use splicegate::forward::Engine;
+use splicegate::inventory::Inventory;
 use splicegate::logging::{self, LogFormat};
-use splicegate::server::Server;
-use tokio::signal::unix::{signal, SignalKind};
+use splicegate::process::Launch;
+use splicegate::server::{Server, Start};
+use splicegate::upgrade::Incoming;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 /// Layer-4 TLS-SNI splice proxy for Amazon DCV agents.
 #[derive(Parser)]
@@ -45,6 +48,17 @@ enum Command {
         /// Validity in days.
         #[arg(long, default_value_t = 365)]
         days: u32,
+    },
+    /// Upgrade the running proxy in place: it starts the binary now at its
+    /// own path and hands it every listening socket and every session that
+    /// can move, then exits once what stays with it has ended.
+    Upgrade {
+        /// The running process's control socket.
+        #[arg(long, default_value = splicegate::control::DEFAULT_PATH)]
+        control: PathBuf,
+        /// Seconds the new process has to be ready.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        timeout: u64,
     },
     /// Start the proxy with two built-in loopback agents and show routing.
     Demo {
@@ -115,6 +129,10 @@ struct RunArgs {
     /// PEM file with the CA (or self-signed certificate) agents present.
     #[arg(long)]
     upstream_ca: Option<PathBuf>,
+    /// Control socket path (`splicegate upgrade`, `splicegate ctl`);
+    /// replaces the file's `[control] path`. "" turns it off.
+    #[arg(long)]
+    control: Option<PathBuf>,
 }
 
 fn parse_agent(s: &str) -> Result<AgentArg, String> {
@@ -133,6 +151,7 @@ fn main() -> ExitCode {
         Command::Check { config } => check(&config),
         Command::Cert { out, san, days } => cert(&out, &san, days),
         Command::Run(args) => run(args),
+        Command::Upgrade { control, timeout } => upgrade(&control, timeout),
         Command::Demo {
             listen,
             engine,
@@ -213,6 +232,34 @@ fn cert(out: &std::path::Path, sans: &[String], days: u32) -> Result<(), String>
     Ok(())
 }
 
+/// `splicegate upgrade`: ask the running process, and say what it did.
+fn upgrade(control: &std::path::Path, timeout: u64) -> Result<(), String> {
+    let line = format!("upgrade --timeout {timeout}");
+    // The handover itself takes a few seconds beyond the new process's start.
+    let wait = std::time::Duration::from_secs(timeout + 60);
+    let answer = runtime()?
+        .block_on(splicegate::control::request(control, &line, wait))
+        .map_err(|e| e.to_string())?;
+    if answer["ok"] != true {
+        return Err(format!(
+            "upgrade failed ({}): {}",
+            answer["kind"].as_str().unwrap_or("error"),
+            answer["error"].as_str().unwrap_or("no reason given")
+        ));
+    }
+    say!(
+        "upgraded: new process {}; handed over {} listening sockets, {} connections ({} bytes in flight, {} pipes) and {} QUIC flows; {} stay with the old process until they end",
+        answer["pid"],
+        answer["listeners"],
+        answer["connections"],
+        answer["in_flight_bytes"],
+        answer["pipes"],
+        answer["flows"],
+        answer["staying"]
+    );
+    Ok(())
+}
+
 fn load(args: &RunArgs) -> Result<Config, String> {
     let mut config = match &args.config {
         Some(p) => Config::load(p).map_err(|e| e.to_string())?,
@@ -231,11 +278,21 @@ fn load(args: &RunArgs) -> Result<Config, String> {
         &tls,
     )?;
     config.apply_cli_udp(&args.listen_udp);
+    if let Some(c) = &args.control {
+        config.control = if c.as_os_str().is_empty() {
+            ControlSocket::Off
+        } else {
+            ControlSocket::At(c.clone())
+        };
+    }
     Ok(config)
 }
 
 fn run(args: RunArgs) -> Result<(), String> {
-    let config = load(&args)?;
+    // Started by a live upgrade: the handover channel is standard input.
+    let channel = splicegate::upgrade::take_channel()
+        .map_err(|e| format!("cannot take the handover channel: {e}"))?;
+    let launch = Launch::current();
     runtime()?.block_on(async {
         let mut term =
             signal(SignalKind::terminate()).map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
@@ -243,12 +300,55 @@ fn run(args: RunArgs) -> Result<(), String> {
             signal(SignalKind::interrupt()).map_err(|e| format!("cannot watch SIGINT: {e}"))?;
         let mut hup =
             signal(SignalKind::hangup()).map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
-        let server = Server::start(config).map_err(|e| e.to_string())?;
+        let mut usr2 = signal(SignalKind::user_defined2())
+            .map_err(|e| format!("cannot watch SIGUSR2: {e}"))?;
+        let mut incoming = match channel {
+            Some(fd) => Some(Incoming::open(fd).await?),
+            None => None,
+        };
+        let (inventory, upgrading) = match &mut incoming {
+            Some(i) => (Inventory::new(std::mem::take(&mut i.sockets)), true),
+            None => (Inventory::default(), false),
+        };
+        let start = Start {
+            inventory: std::sync::Arc::new(inventory),
+            launch,
+            upgrade: upgrading,
+        };
+        let started = load(&args).and_then(|config| Server::start(config, start).map_err(|e| e.to_string()));
+        let server = match (started, incoming) {
+            (Ok(server), Some(incoming)) => {
+                incoming
+                    .ready(std::sync::Arc::clone(server.process()))
+                    .await
+                    .map_err(|e| format!("live upgrade: {e}"))?;
+                server
+            }
+            (Ok(server), None) => server,
+            (Err(e), Some(incoming)) => {
+                incoming.fail(&e).await;
+                return Err(e);
+            }
+            (Err(e), None) => return Err(e),
+        };
         let which = loop {
             tokio::select! {
                 _ = term.recv() => break "SIGTERM",
                 _ = int.recv() => break "SIGINT",
                 _ = hup.recv() => reload(&args, &server),
+                _ = usr2.recv() => {
+                    let p = std::sync::Arc::clone(server.process());
+                    // The outcome is logged (`upgraded` or `upgrade_failed`).
+                    tokio::spawn(async move {
+                        let _ = splicegate::upgrade::upgrade(&p, splicegate::upgrade::DEFAULT_TIMEOUT).await;
+                    });
+                }
+                pid = server.retired() => {
+                    tracing::info!(event = "retired", pid, active = server.active(), "handed over to the new process");
+                    // A signal now closes what stayed here at once.
+                    server.retire(stop_signal(&mut term, &mut int)).await;
+                    return Ok(());
+                }
             }
         };
         tracing::info!(
@@ -258,16 +358,17 @@ fn run(args: RunArgs) -> Result<(), String> {
             "shutting down"
         );
         // A second SIGTERM or SIGINT closes remaining connections at once.
-        server
-            .shutdown(async {
-                tokio::select! {
-                    _ = term.recv() => {},
-                    _ = int.recv() => {},
-                }
-            })
-            .await;
+        server.shutdown(stop_signal(&mut term, &mut int)).await;
         Ok(())
     })
+}
+
+/// Resolves at the next SIGTERM or SIGINT.
+async fn stop_signal(term: &mut Signal, int: &mut Signal) {
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
 }
 
 /// SIGHUP: re-read the file and swap the routing table for new

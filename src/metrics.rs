@@ -15,9 +15,8 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 
-use crate::forward::Counters;
+use crate::counters::{Counters, DatagramCounters};
 use crate::outcome::Kind;
-use crate::udp::DatagramCounters;
 
 /// (listener, route, agent).
 type RouteKey = (String, String, String);
@@ -61,12 +60,17 @@ struct Inner {
     http: BTreeMap<(String, u16), u64>,
     connect: Option<Hist>,
     hello_wait: Option<Hist>,
-    live: HashMap<u64, (RouteKey, Arc<Counters>)>,
+    /// Live connections: their counters, and what those held when the
+    /// connection was adopted from the previous process of a live upgrade
+    /// (counted there, not here).
+    live: HashMap<u64, (RouteKey, Arc<Counters>, [u64; 2])>,
     udp_active: BTreeMap<String, u64>,
     udp_flows: BTreeMap<(String, &'static str), u64>,
     udp_dropped: BTreeMap<(String, &'static str), u64>,
     udp_datagrams: BTreeMap<RouteKey, [u64; 4]>,
-    udp_live: HashMap<u64, (RouteKey, Arc<DatagramCounters>)>,
+    udp_live: HashMap<u64, (RouteKey, Arc<DatagramCounters>, [u64; 4])>,
+    /// Live upgrade: what this process took over, by kind.
+    adopted: BTreeMap<&'static str, u64>,
     quic_initial: BTreeMap<(String, &'static str), u64>,
     resolver: BTreeMap<&'static str, u64>,
     resolver_cache: BTreeMap<&'static str, u64>,
@@ -117,7 +121,38 @@ impl Metrics {
     pub fn forwarding(&self, id: u64, key: RouteKey, took: Duration, counters: Arc<Counters>) {
         let mut g = self.lock();
         g.connect.get_or_insert_with(Hist::new).record(took);
-        g.live.insert(id, (key, counters));
+        g.live.insert(id, (key, counters, [0; 2]));
+    }
+
+    /// A connection adopted from the previous process of a live upgrade:
+    /// open here from now on; its bytes count from what `counters` hold
+    /// now (the previous process counted those).
+    pub fn adopted(&self, id: u64, key: RouteKey, counters: Arc<Counters>) {
+        let base = [
+            counters.to_agent.load(Ordering::Relaxed),
+            counters.to_client.load(Ordering::Relaxed),
+        ];
+        let mut g = self.lock();
+        *g.active.entry(key.0.clone()).or_default() += 1;
+        *g.adopted.entry("connection").or_default() += 1;
+        g.live.insert(id, (key, counters, base));
+    }
+
+    /// What a live upgrade handed to this process: `listener` sockets and
+    /// `flow`s (connections are counted by [`Metrics::adopted`]).
+    pub fn upgrade_adopted(&self, kind: &'static str, n: u64) {
+        *self.lock().adopted.entry(kind).or_default() += n;
+    }
+
+    /// A connection moved to the new process of a live upgrade: its bytes
+    /// so far stay counted here; it is no longer open, and it did not
+    /// close.
+    pub fn handed_over(&self, id: u64, listener: &str) {
+        let mut g = self.lock();
+        g.take_live(id);
+        if let Some(a) = g.active.get_mut(listener) {
+            *a = a.saturating_sub(1);
+        }
     }
 
     /// Terminate listeners: the status of the response a connection carried
@@ -133,11 +168,7 @@ impl Metrics {
     /// A connection ended.
     pub fn closed(&self, id: u64, listener: &str, route: &str, agent: &str, outcome: Kind) {
         let mut g = self.lock();
-        if let Some((key, c)) = g.live.remove(&id) {
-            let b = g.bytes.entry(key).or_default();
-            b[0] += c.to_agent.load(Ordering::Relaxed);
-            b[1] += c.to_client.load(Ordering::Relaxed);
-        }
+        g.take_live(id);
         *g.closed
             .entry((
                 listener.to_owned(),
@@ -177,25 +208,38 @@ impl Metrics {
     pub fn udp_flow_started(&self, id: u64, key: RouteKey, counters: Arc<DatagramCounters>) {
         let mut g = self.lock();
         *g.udp_active.entry(key.0.clone()).or_default() += 1;
-        g.udp_live.insert(id, (key, counters));
+        g.udp_live.insert(id, (key, counters, [0; 4]));
     }
 
-    /// A routed QUIC flow ended.
-    pub fn udp_flow_closed(&self, id: u64, listener: &str, outcome: Kind) {
+    /// A QUIC flow adopted from the previous process of a live upgrade;
+    /// its datagrams count from what `counters` hold now.
+    pub fn udp_flow_adopted(&self, id: u64, key: RouteKey, counters: Arc<DatagramCounters>) {
+        let base = counters.snapshot();
         let mut g = self.lock();
-        if let Some((key, c)) = g.udp_live.remove(&id) {
+        *g.udp_active.entry(key.0.clone()).or_default() += 1;
+        *g.adopted.entry("flow").or_default() += 1;
+        g.udp_live.insert(id, (key, counters, base));
+    }
+
+    /// A routed QUIC flow ended (`None`: it moved to the new process of a
+    /// live upgrade, and did not close).
+    pub fn udp_flow_closed(&self, id: u64, listener: &str, outcome: Option<Kind>) {
+        let mut g = self.lock();
+        if let Some((key, c, base)) = g.udp_live.remove(&id) {
             let snap = c.snapshot();
             let d = g.udp_datagrams.entry(key).or_default();
-            for (total, v) in d.iter_mut().zip(snap) {
-                *total += v;
+            for ((total, v), b) in d.iter_mut().zip(snap).zip(base) {
+                *total += v.saturating_sub(b);
             }
         }
         if let Some(a) = g.udp_active.get_mut(listener) {
             *a = a.saturating_sub(1);
         }
-        *g.udp_flows
-            .entry((listener.to_owned(), outcome.as_str()))
-            .or_default() += 1;
+        if let Some(outcome) = outcome {
+            *g.udp_flows
+                .entry((listener.to_owned(), outcome.as_str()))
+                .or_default() += 1;
+        }
     }
 
     /// A QUIC flow was refused before any datagram reached an agent.
@@ -282,10 +326,10 @@ impl Metrics {
             );
         }
         let mut bytes = g.bytes.clone();
-        for (key, c) in g.live.values() {
+        for (key, c, base) in g.live.values() {
             let b = bytes.entry(key.clone()).or_default();
-            b[0] += c.to_agent.load(Ordering::Relaxed);
-            b[1] += c.to_client.load(Ordering::Relaxed);
+            b[0] += c.to_agent.load(Ordering::Relaxed).saturating_sub(base[0]);
+            b[1] += c.to_client.load(Ordering::Relaxed).saturating_sub(base[1]);
         }
         for (i, (name, help)) in [
             (
@@ -353,6 +397,19 @@ impl Metrics {
                 esc(l)
             );
         }
+        header(
+            o,
+            "splicegate_upgrade_handed_over_total",
+            "counter",
+            "Live upgrade: listening sockets, connections and QUIC flows this process took over from the previous one.",
+        );
+        for kind in ["listener", "connection", "flow"] {
+            let v = g.adopted.get(kind).copied().unwrap_or(0);
+            let _ = writeln!(
+                o,
+                "splicegate_upgrade_handed_over_total{{kind=\"{kind}\"}} {v}"
+            );
+        }
         if !g.udp_flows.is_empty() || !g.udp_active.is_empty() || !g.quic_initial.is_empty() {
             render_udp(o, &g);
         }
@@ -372,6 +429,17 @@ impl Metrics {
             g.hello_wait.as_ref(),
         );
         out
+    }
+}
+
+impl Inner {
+    /// Stop counting a live connection: its bytes join the totals.
+    fn take_live(&mut self, id: u64) {
+        if let Some((key, c, base)) = self.live.remove(&id) {
+            let b = self.bytes.entry(key).or_default();
+            b[0] += c.to_agent.load(Ordering::Relaxed).saturating_sub(base[0]);
+            b[1] += c.to_client.load(Ordering::Relaxed).saturating_sub(base[1]);
+        }
     }
 }
 
@@ -461,10 +529,10 @@ fn render_udp(o: &mut String, g: &Inner) {
         );
     }
     let mut totals = g.udp_datagrams.clone();
-    for (key, c) in g.udp_live.values() {
+    for (key, c, base) in g.udp_live.values() {
         let t = totals.entry(key.clone()).or_default();
-        for (total, v) in t.iter_mut().zip(c.snapshot()) {
-            *total += v;
+        for ((total, v), b) in t.iter_mut().zip(c.snapshot()).zip(base) {
+            *total += v.saturating_sub(*b);
         }
     }
     for (i, (name, help)) in [

@@ -15,6 +15,11 @@ pub enum Kind {
     IdleTimeout,
     /// The drain deadline passed during shutdown.
     DrainDeadline,
+    /// An operator closed the session (`splicegate ctl close`).
+    OperatorClose,
+    /// The session moved to the new process of a live upgrade (the old
+    /// process's metrics; the new one logs the session's end).
+    HandedOver,
     /// A socket failed while forwarding (or before, writing to the agent).
     IoError,
     /// A LOCAL PROXY header then a close: a load balancer's health probe.
@@ -111,10 +116,12 @@ pub enum Alert {
 
 impl Kind {
     /// Every kind, for documentation checks.
-    pub const ALL: [Kind; 41] = [
+    pub const ALL: [Kind; 43] = [
         Kind::Done,
         Kind::IdleTimeout,
         Kind::DrainDeadline,
+        Kind::OperatorClose,
+        Kind::HandedOver,
         Kind::IoError,
         Kind::HealthProbe,
         Kind::ProxyInvalid,
@@ -161,6 +168,8 @@ impl Kind {
             Kind::Done => "done",
             Kind::IdleTimeout => "idle_timeout",
             Kind::DrainDeadline => "drain_deadline",
+            Kind::OperatorClose => "operator_close",
+            Kind::HandedOver => "handed_over",
             Kind::IoError => "io_error",
             Kind::HealthProbe => "health_probe",
             Kind::ProxyInvalid => "proxy_invalid",

@@ -90,6 +90,18 @@ impl Routing {
         }
     }
 
+    /// A slot on `agent` (its display name) of `pool`, for a connection
+    /// adopted in a live upgrade, so least-conn and `max_conns` count it.
+    /// None when the pool or the agent is no longer configured.
+    pub fn adopt_slot(&self, pool: &str, agent: &str) -> Option<crate::upstream::pool::Slot> {
+        self.pools
+            .get(pool)?
+            .agents()
+            .iter()
+            .find(|a| a.name == agent)
+            .map(|a| a.adopt_slot())
+    }
+
     /// Why the proxy should be reported unhealthy, if it should: draining,
     /// or a required pool with no agent up (active and passive health).
     pub fn unhealthy(&self, draining: bool) -> Option<String> {

@@ -8,18 +8,23 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::Mutex;
+
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::config::Config;
+use crate::config::{Config, ControlSocket};
 use crate::context::ListenerCtx;
+use crate::inventory::{Inventory, Key as InvKey, Kind as InvKind, Origin};
 use crate::limits::{Caps, FdBudget, Limits};
 use crate::listener;
 use crate::metrics::Metrics;
 use crate::notify;
+use crate::process::{Gate, Launch, Process, UpgradeState};
 use crate::resolver::Resolver;
 use crate::routing::{Routing, SharedRoutes};
+use crate::session::Sessions;
 use crate::shutdown::{Drain, Tracker};
 use crate::terminate::certs::CertStore;
 use crate::terminate::Tls;
@@ -41,6 +46,14 @@ pub enum StartError {
     /// The session resolver's client could not be built.
     #[error("{0}")]
     Resolver(String),
+    /// The configured control socket could not be bound.
+    #[error("control socket {path}: {source}")]
+    Control {
+        /// Its path.
+        path: String,
+        /// OS error.
+        source: std::io::Error,
+    },
     /// A listener could not bind.
     #[error("listener {listener}: cannot listen on {addr}: {source}")]
     Bind {
@@ -159,41 +172,76 @@ fn admission(config: &mut Config) -> Caps {
     }
 }
 
+/// How the process starts: with the sockets a previous process handed
+/// over (none for a fresh start) and how it was launched.
+pub struct Start {
+    /// The listening sockets, bound here or inherited.
+    pub inventory: Arc<Inventory>,
+    /// How this process was started (a live upgrade starts the same).
+    pub launch: Launch,
+    /// Started by a live upgrade: the old process tells systemd about the
+    /// new main process, and inherited UDP sockets wait for their flows.
+    pub upgrade: bool,
+}
+
+impl Start {
+    /// A fresh start: nothing inherited.
+    pub fn fresh() -> Start {
+        Start {
+            inventory: Arc::new(Inventory::default()),
+            launch: Launch::current(),
+            upgrade: false,
+        }
+    }
+}
+
 /// A started proxy.
 pub struct Server {
     addrs: Vec<(String, SocketAddr)>,
+    /// The UDP relays' drain signal (no new flows).
     stop: watch::Sender<bool>,
-    drain: Drain,
-    tracker: Tracker,
+    process: Arc<Process>,
     accept_loops: Vec<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
+    watchdog: Option<JoinHandle<()>>,
     drain_timeout: Duration,
     drain_grace: Duration,
-    metrics: Arc<Metrics>,
     admin: Option<SocketAddr>,
-    routes: Arc<SharedRoutes>,
+    control: Option<std::path::PathBuf>,
     certs: Vec<(String, Arc<CertStore>)>,
 }
 
 impl Server {
-    /// Bind every listener and start accepting. Must run inside a Tokio
-    /// runtime. Logs one `listening` event per bound address and tells
-    /// systemd `READY=1` (when run under it).
-    pub fn start(mut config: Config) -> Result<Server, StartError> {
+    /// Bind every listener (or take the inherited sockets) and start
+    /// accepting. Must run inside a Tokio runtime. Logs one `listening`
+    /// event per address and tells systemd `READY=1` (when run under it,
+    /// and not started by a live upgrade).
+    pub fn start(mut config: Config, start: Start) -> Result<Server, StartError> {
         if config.listeners.is_empty() && config.udp_listeners.is_empty() {
             return Err(StartError::NoListeners);
         }
+        let inventory = start.inventory;
         let metrics = Arc::new(Metrics::default());
+        let sessions = Arc::new(Sessions::default());
         let mut background = Vec::new();
         let mut admin = None;
         let mut admin_listener = None;
+        let mut inherited = 0u64;
+        let mut count = |o: Origin| {
+            if o == Origin::Inherited {
+                inherited += 1;
+            }
+        };
         if let Some(a) = &config.admin {
             let bind_err = |source| StartError::Bind {
                 listener: "admin".into(),
                 addr: a.bind,
                 source,
             };
-            let sock = listener::bind(a.bind, 128, false).map_err(bind_err)?;
+            let (sock, origin) = inventory
+                .tcp(InvKind::Admin, a.bind, 128, false)
+                .map_err(bind_err)?;
+            count(origin);
             let l = TcpListener::from_std(sock).map_err(bind_err)?;
             let local = l.local_addr().map_err(bind_err)?;
             tracing::info!(event = "listening", listener = "admin", addr = %local, "admin listening: /health and /metrics");
@@ -225,31 +273,64 @@ impl Server {
         let mut bound = Vec::new();
         for l in &config.listeners {
             for &addr in &l.bind {
-                let sock = listener::bind(addr, l.backlog, l.reuse_port)
-                    .and_then(|s| {
+                let (sock, origin) = inventory
+                    .tcp(InvKind::Tcp, addr, l.backlog, l.reuse_port)
+                    .and_then(|(s, o)| {
                         crate::net::tune_sock(socket2::SockRef::from(&s), l.keepalive)?;
-                        Ok(s)
+                        Ok((s, o))
                     })
                     .map_err(|source| StartError::Bind {
                         listener: l.name.clone(),
                         addr,
                         source,
                     })?;
-                bound.push((l.clone(), sock));
+                count(origin);
+                bound.push((l.clone(), addr, sock));
             }
         }
         let mut udp_bound = Vec::new();
         for u in &config.udp_listeners {
             for &addr in &u.bind {
-                let sock = crate::udp::bind(addr).map_err(|source| StartError::Bind {
+                let (sock, origin) = inventory.udp(addr).map_err(|source| StartError::Bind {
                     listener: u.name.clone(),
                     addr,
                     source,
                 })?;
-                udp_bound.push((u.name.clone(), addr, sock));
+                count(origin);
+                let key = InvKey {
+                    kind: InvKind::Udp,
+                    addr: addr.to_string(),
+                    index: udp_bound.iter().filter(|(_, a, _, _)| *a == addr).count() as u32,
+                };
+                udp_bound.push((u.name.clone(), addr, sock, (key, origin)));
             }
         }
+        let control_path = config.control.path();
+        let control = match &control_path {
+            None => None,
+            Some(path) => match inventory.control(path) {
+                Ok((l, origin)) => {
+                    count(origin);
+                    tracing::info!(event = "control_listening", path = %path.display(), "control socket listening");
+                    Some(l)
+                }
+                Err(e) if config.control == ControlSocket::Default => {
+                    tracing::warn!(event = "control_unavailable", path = %path.display(), error = %e, "no control socket (splicegate ctl and upgrade need one): set [control] path or --control, or create the directory");
+                    None
+                }
+                Err(source) => {
+                    return Err(StartError::Control {
+                        path: path.display().to_string(),
+                        source,
+                    })
+                }
+            },
+        };
+        let unclaimed = inventory.close_unclaimed();
         let limits = Arc::new(Limits::new(admission(&mut config)));
+        let (traffic, traffic_rx) = watch::channel(Gate::Open);
+        let (local, _) = watch::channel(Gate::Open);
+        let local_tracker = Tracker::default();
         if let (Some(l), Some(a)) = (admin_listener, &config.admin) {
             let admin = crate::admin::Admin {
                 metrics: Arc::clone(&metrics),
@@ -258,40 +339,49 @@ impl Server {
                 proxy_trusted: a.proxy_trusted.clone(),
                 max_connections: a.max_connections,
             };
-            background.push(tokio::spawn(crate::admin::serve(l, Arc::new(admin))));
+            background.push(tokio::spawn(crate::admin::serve(
+                l,
+                Arc::new(admin),
+                local.subscribe(),
+                local_tracker.clone(),
+            )));
         }
         let mut addrs = Vec::new();
         let mut accept_loops = Vec::new();
-        for (l, sock) in bound {
+        let mut listeners = HashMap::new();
+        for (l, addr, sock) in bound {
             let name = l.name.clone();
-            let listener = TcpListener::from_std(sock).map_err(|source| StartError::Bind {
+            let bind_err = |source| StartError::Bind {
                 listener: name.clone(),
-                addr: l.bind[0],
+                addr,
                 source,
-            })?;
-            let local = listener.local_addr().map_err(|source| StartError::Bind {
-                listener: name.clone(),
-                addr: l.bind[0],
-                source,
-            })?;
-            tracing::info!(event = "listening", listener = %name, addr = %local, engine = %l.engine, "listening");
-            addrs.push((name.clone(), local));
+            };
+            let listener = TcpListener::from_std(sock).map_err(bind_err)?;
+            let local_addr = listener.local_addr().map_err(bind_err)?;
+            tracing::info!(event = "listening", listener = %name, addr = %local_addr, engine = %l.engine, "listening");
+            addrs.push((name.clone(), local_addr));
             let ctx = Arc::new(ListenerCtx {
                 config: l,
                 routes: Arc::clone(&routes),
                 drain: drain.clone(),
                 metrics: Arc::clone(&metrics),
                 limits: Arc::clone(&limits),
+                sessions: Arc::clone(&sessions),
             });
+            listeners
+                .entry(name.clone())
+                .or_insert_with(|| Arc::clone(&ctx));
             accept_loops.push(tokio::spawn(listener::serve(
                 listener,
                 ctx,
                 tls.get(&name).cloned(),
-                stop_rx.clone(),
+                traffic_rx.clone(),
                 tracker.clone(),
             )));
         }
-        for (name, addr, sock) in udp_bound {
+        let mut relays = Vec::new();
+        let mut adopting = HashMap::new();
+        for (name, addr, sock, (key, origin)) in udp_bound {
             let Some(u) = config.udp_listeners.iter().find(|u| u.name == name) else {
                 continue;
             };
@@ -300,43 +390,101 @@ impl Server {
                 addr,
                 source,
             };
-            let local = sock.local_addr().map_err(bind_err)?;
-            tracing::info!(event = "listening", listener = %name, addr = %local, proto = "udp", idle_timeout = ?u.idle_timeout, max_flows = u.max_flows, "listening for QUIC");
-            addrs.push((name.clone(), local));
+            let local_addr = sock.local_addr().map_err(bind_err)?;
+            tracing::info!(event = "listening", listener = %name, addr = %local_addr, proto = "udp", idle_timeout = ?u.idle_timeout, max_flows = u.max_flows, "listening for QUIC");
+            addrs.push((name.clone(), local_addr));
             let ctx = Arc::new(crate::udp::UdpCtx {
                 config: u.clone(),
                 routes: Arc::clone(&routes),
                 drain: drain.clone(),
                 metrics: Arc::clone(&metrics),
                 tracker: tracker.clone(),
+                sessions: Arc::clone(&sessions),
             });
-            crate::udp::spawn(sock, ctx, stop_rx.clone()).map_err(bind_err)?;
+            let (ask, asks) = mpsc::unbounded_channel();
+            let adopt = (start.upgrade && origin == Origin::Inherited).then(|| {
+                let (tx, rx) = oneshot::channel();
+                adopting.insert(key.clone(), tx);
+                rx
+            });
+            relays.push((key, ask));
+            let handover = crate::udp::Handover {
+                asks: Some(asks),
+                adopt,
+            };
+            crate::udp::spawn(sock, ctx, stop_rx.clone(), handover).map_err(bind_err)?;
         }
-        notify::notify("READY=1");
-        if let Some(period) = notify::watchdog_interval() {
-            background.push(tokio::spawn(notify::watchdog(period)));
+        metrics.upgrade_adopted("listener", inherited);
+        if start.upgrade {
+            tracing::info!(
+                event = "sockets_taken",
+                inherited,
+                closed = unclaimed,
+                "took the old process's listening sockets"
+            );
+        }
+        let process = Arc::new(Process {
+            started: std::time::Instant::now(),
+            launch: start.launch,
+            sessions,
+            drain: drain.clone(),
+            tracker: tracker.clone(),
+            local_tracker,
+            metrics: Arc::clone(&metrics),
+            routes: Arc::clone(&routes),
+            inventory: Arc::clone(&inventory),
+            traffic,
+            local,
+            relays: Mutex::new(relays),
+            adopting: Mutex::new(adopting),
+            listeners,
+            upgrade: Mutex::new(UpgradeState::Idle),
+            retired: watch::channel(None).0,
+            drain_timeout: config.drain_timeout,
+        });
+        if let Some(l) = control {
+            match tokio::net::UnixListener::from_std(l) {
+                Ok(l) => {
+                    background.push(tokio::spawn(crate::control::serve(l, Arc::clone(&process))))
+                }
+                Err(e) => {
+                    tracing::warn!(event = "control_unavailable", error = %e, "cannot serve the control socket")
+                }
+            }
+        }
+        let mut watchdog = None;
+        if !start.upgrade {
+            notify::notify("READY=1");
+            if let Some(period) = notify::watchdog_interval() {
+                watchdog = Some(tokio::spawn(notify::watchdog(period)));
+            }
         }
         Ok(Server {
             addrs,
             stop,
-            drain,
-            tracker,
+            process,
             accept_loops,
             background,
+            watchdog,
             drain_timeout: config.drain_timeout,
             drain_grace: config.drain_grace,
-            metrics,
             admin,
-            routes,
+            control: control_path,
             certs,
         })
+    }
+
+    /// What operator commands and the live upgrade act on.
+    pub fn process(&self) -> &Arc<Process> {
+        &self.process
     }
 
     /// Replace the routing table and pools for new connections (SIGHUP
     /// reload). Pools start with fresh health state.
     pub fn reload_routes(&self, config: &Config) -> Result<(), String> {
-        let next = routing(config, &self.metrics, Some(&self.routes.current()))?;
-        self.routes.replace(next);
+        let p = &self.process;
+        let next = routing(config, &p.metrics, Some(&p.routes.current()))?;
+        p.routes.replace(next);
         Ok(())
     }
 
@@ -364,7 +512,7 @@ impl Server {
 
     /// The metrics registry.
     pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
+        &self.process.metrics
     }
 
     /// Bound addresses, by listener name.
@@ -374,7 +522,7 @@ impl Server {
 
     /// Live connections.
     pub fn active(&self) -> usize {
-        self.tracker.active()
+        self.process.tracker.active()
     }
 
     /// The drain sequence for load-balancer deregistration:
@@ -386,43 +534,108 @@ impl Server {
     ///    passes (or `force` resolves), then the rest are closed.
     pub async fn shutdown(self, force: impl std::future::Future<Output = ()>) {
         tokio::pin!(force);
-        self.drain.start();
+        let p = Arc::clone(&self.process);
+        p.drain.start();
         notify::notify("STOPPING=1");
         let mut forced = false;
         if !self.drain_grace.is_zero() {
-            tracing::info!(event = "drain_grace", grace = ?self.drain_grace, active = self.tracker.active(), "health now answers 503; still accepting during the grace period");
+            tracing::info!(event = "drain_grace", grace = ?self.drain_grace, active = p.tracker.active(), "health now answers 503; still accepting during the grace period");
             tokio::select! {
                 _ = tokio::time::sleep(self.drain_grace) => {}
                 _ = &mut force => forced = true,
             }
         }
+        p.traffic.send_replace(Gate::Closed);
         let _ = self.stop.send(true);
         for h in self.accept_loops {
             let _ = h.await;
         }
-        let active = self.tracker.active();
+        p.inventory.release_traffic();
+        let active = p.tracker.active();
         tracing::info!(event = "draining", active, drain_timeout = ?self.drain_timeout, "stopped accepting; draining established connections");
         let finished = forced
             || tokio::select! {
-                _ = self.tracker.wait_idle() => true,
+                _ = p.tracker.wait_idle() => true,
                 _ = tokio::time::sleep(self.drain_timeout) => false,
                 _ = &mut force => false,
             };
-        let finished = finished && self.tracker.active() == 0;
+        let finished = finished && p.tracker.active() == 0;
         if !finished {
-            let left = self.tracker.active();
+            let left = p.tracker.active();
             tracing::warn!(
                 event = "drain_deadline",
                 active = left,
                 "closing connections still open"
             );
-            self.drain.expire();
+            p.drain.expire();
+            p.sessions.expire();
             // Each connection ends within one scheduling round once told.
-            let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait_idle()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), p.tracker.wait_idle()).await;
         }
+        for h in self.background {
+            h.abort();
+        }
+        if let Some(w) = self.watchdog {
+            w.abort();
+        }
+        remove_control(&p, self.control.as_deref());
+        tracing::info!(event = "stopped", "all connections closed");
+    }
+
+    /// Resolves when a live upgrade handed this process over, with the new
+    /// process's pid.
+    pub async fn retired(&self) -> u32 {
+        let mut rx = self.process.retired.subscribe();
+        let got = rx.wait_for(Option::is_some).await.map(|pid| *pid);
+        match got {
+            Ok(Some(pid)) => pid,
+            _ => std::future::pending().await,
+        }
+    }
+
+    /// After a live upgrade: serve what stayed here (terminate sessions,
+    /// connections that were still in their hello) until it ends, the
+    /// drain timeout passes or `force` resolves; then close the rest.
+    pub async fn retire(self, force: impl std::future::Future<Output = ()>) {
+        let p = Arc::clone(&self.process);
+        // The new process is systemd's main one now, and pings its watchdog.
+        if let Some(w) = self.watchdog {
+            w.abort();
+        }
+        let left = p.tracker.active();
+        tracing::info!(event = "retiring", active = left, drain_timeout = ?self.drain_timeout, "serving what stays with this process until it ends");
+        let finished = tokio::select! {
+            _ = p.tracker.wait_idle() => true,
+            _ = tokio::time::sleep(self.drain_timeout) => false,
+            _ = force => false,
+        };
+        if !finished || p.tracker.active() > 0 {
+            tracing::warn!(
+                event = "drain_deadline",
+                active = p.tracker.active(),
+                "closing connections still open"
+            );
+            p.drain.expire();
+            p.sessions.expire();
+            let _ = tokio::time::timeout(Duration::from_secs(5), p.tracker.wait_idle()).await;
+        }
+        let _ = self.stop.send(true);
+        // Health checks and commands this process accepted before it
+        // handed its sockets over are answered (each within 5 s).
+        let _ = tokio::time::timeout(Duration::from_secs(6), p.local_tracker.wait_idle()).await;
         for h in self.background {
             h.abort();
         }
         tracing::info!(event = "stopped", "all connections closed");
     }
+}
+
+/// Remove the control socket's file at exit, unless a live upgrade handed
+/// it to the new process.
+fn remove_control(p: &Process, path: Option<&std::path::Path>) {
+    let Some(path) = path else { return };
+    if matches!(*p.upgrade_state(), UpgradeState::Retired(_)) {
+        return;
+    }
+    let _ = std::fs::remove_file(path);
 }

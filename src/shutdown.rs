@@ -1,10 +1,15 @@
 //! Drain state and connection tracking, shared by the server that starts
 //! the drain, the listeners that stop accepting, the connections that end
-//! at the deadline, and the health answers that turn 503.
+//! at the deadline, and the health answers that turn 503; and [`Stop`],
+//! the signal that tells one session to stop forwarding (the drain
+//! deadline, an operator's `close`, or a live upgrade's pause).
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use atomic_waker::AtomicWaker;
 use tokio::sync::{watch, Notify};
 
 /// The drain: `draining` from the first signal (health answers 503), and
@@ -101,5 +106,88 @@ impl Drop for Guard {
         if self.0 .0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0 .0.idle.notify_waiters();
         }
+    }
+}
+
+/// Why a session was told to stop forwarding. Stronger reasons win: a
+/// session told to pause for a handover and then to close closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Halt {
+    /// A live upgrade: pause at the next safe point and hand the session
+    /// to the new process.
+    Handover = 1,
+    /// An operator closed the session.
+    Close = 2,
+    /// The drain deadline passed.
+    Deadline = 3,
+}
+
+/// One session's stop signal: set by whoever stops it, polled by its
+/// forwarding loop. Polling costs an atomic load and a lock-free waker
+/// registration; nothing is allocated or locked.
+#[derive(Debug, Default)]
+pub struct Stop {
+    state: AtomicU8,
+    waker: AtomicWaker,
+}
+
+impl Stop {
+    /// Tell the session to stop for `why` (a weaker reason never replaces
+    /// a stronger one) and wake its task.
+    pub fn raise(&self, why: Halt) {
+        self.state.fetch_max(why as u8, Ordering::AcqRel);
+        self.waker.wake();
+    }
+
+    /// Withdraw `why` if it is still the reason (a handover that did not
+    /// happen: the session goes on here).
+    pub fn withdraw(&self, why: Halt) {
+        let _ = self
+            .state
+            .compare_exchange(why as u8, 0, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// The reason the session was told to stop, if it was.
+    pub fn get(&self) -> Option<Halt> {
+        match self.state.load(Ordering::Acquire) {
+            0 => None,
+            1 => Some(Halt::Handover),
+            2 => Some(Halt::Close),
+            _ => Some(Halt::Deadline),
+        }
+    }
+
+    /// Ready once told to stop; registers `cx`'s waker otherwise.
+    pub fn poll(&self, cx: &mut Context<'_>) -> Poll<Halt> {
+        if let Some(h) = self.get() {
+            return Poll::Ready(h);
+        }
+        self.waker.register(cx.waker());
+        match self.get() {
+            Some(h) => Poll::Ready(h),
+            None => Poll::Pending,
+        }
+    }
+
+    /// Resolves when told to stop, with the reason.
+    pub fn wait(&self) -> impl Future<Output = Halt> + '_ {
+        std::future::poll_fn(|cx| self.poll(cx))
+    }
+
+    /// Resolves when told to close or at the deadline; a handover request
+    /// is not for a session that cannot move (terminate mode, io_uring).
+    pub fn wait_final(&self) -> impl Future<Output = Halt> + '_ {
+        let final_only = |h: Option<Halt>| h.filter(|&h| h != Halt::Handover);
+        std::future::poll_fn(move |cx| {
+            if let Some(h) = final_only(self.get()) {
+                return Poll::Ready(h);
+            }
+            self.waker.register(cx.waker());
+            match final_only(self.get()) {
+                Some(h) => Poll::Ready(h),
+                None => Poll::Pending,
+            }
+        })
     }
 }

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::str::FromStr;
 
-use super::validate::upstream_tls;
+use super::file::{parse_prefix, upstream_tls};
 use super::Config;
 use crate::context::{CertFiles, ListenerConfig, TerminateConfig};
 use crate::forward::Engine;
@@ -53,20 +53,6 @@ impl FromStr for AgentArg {
             }),
         }
     }
-}
-
-/// A path prefix: starts with `/`; a trailing `/` is added when missing.
-pub(super) fn parse_prefix(p: &str) -> Result<String, String> {
-    if !p.starts_with('/') || p.contains(['?', '#', ' ']) || p.contains("//") {
-        return Err(format!(
-            "`{p}` is not a path prefix (like \"/desk1/\", or \"/\" for the default)"
-        ));
-    }
-    Ok(if p.ends_with('/') {
-        p.to_owned()
-    } else {
-        format!("{p}/")
-    })
 }
 
 /// TLS settings given on the command line (`run --tls-cert ...`).

@@ -17,6 +17,7 @@ use crate::forward::Engine;
 use crate::proxy_protocol::Mode as ProxyMode;
 use crate::route::{NoSni, SniPattern, Target};
 use crate::upstream::pool::Policy;
+use crate::upstream::tls::UpstreamTls;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,6 +33,7 @@ pub(super) struct FileConfig {
     pub(super) routing: Option<RoutingSection>,
     pub(super) shutdown: Option<ShutdownSection>,
     pub(super) admin: Option<AdminSection>,
+    pub(super) control: Option<ControlSection>,
     #[serde(default)]
     pub(super) pool: Vec<PoolSection>,
     pub(super) limits: Option<LimitsSection>,
@@ -258,6 +260,12 @@ pub(super) struct RoutingSection {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(super) struct ControlSection {
+    pub(super) path: Option<Spanned<std::path::PathBuf>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct ShutdownSection {
     pub(super) drain_timeout: Option<Dur>,
     pub(super) drain_grace: Option<Dur>,
@@ -385,5 +393,35 @@ impl<'de> Deserialize<'de> for Dur {
                 .map_err(|e| serde::de::Error::custom(format!("{n} seconds is {e}"))),
             Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
         }
+    }
+}
+
+/// A path prefix: starts with `/`; a trailing `/` is added when missing.
+pub(super) fn parse_prefix(p: &str) -> Result<String, String> {
+    if !p.starts_with('/') || p.contains(['?', '#', ' ']) || p.contains("//") {
+        return Err(format!(
+            "`{p}` is not a path prefix (like \"/desk1/\", or \"/\" for the default)"
+        ));
+    }
+    Ok(if p.ends_with('/') {
+        p.to_owned()
+    } else {
+        format!("{p}/")
+    })
+}
+
+/// `upstream_tls` and `upstream_ca` as one setting. Verification is the
+/// default and needs a CA file; turning it off must be explicit.
+pub(super) fn upstream_tls(
+    kind: Option<&str>,
+    ca: Option<std::path::PathBuf>,
+) -> Result<UpstreamTls, String> {
+    match (kind.unwrap_or("verify"), ca) {
+        ("verify", Some(ca)) => Ok(UpstreamTls::Verify(ca)),
+        ("verify", None) => Err("key `upstream_tls`: verifying agents (the default) needs `upstream_ca`, a PEM file with the CA or the self-signed certificate of the agents (DCV generates a self-signed one per agent); or set upstream_tls = \"insecure\" to skip verification, or \"off\" for plain TCP".into()),
+        ("insecure", None) => Ok(UpstreamTls::Insecure),
+        ("off", None) => Ok(UpstreamTls::Off),
+        ("insecure" | "off", Some(_)) => Err("key `upstream_ca`: only used with upstream_tls = \"verify\"".into()),
+        (other, _) => Err(format!("key `upstream_tls`: `{other}` is not \"verify\", \"insecure\" or \"off\"")),
     }
 }

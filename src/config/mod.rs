@@ -82,6 +82,8 @@ pub struct Config {
     pub drain_grace: Duration,
     /// The admin listener, if any.
     pub admin: Option<AdminConfig>,
+    /// The control socket.
+    pub control: ControlSocket,
     /// Agent pools routes can refer to.
     pub pools: Vec<PoolConfig>,
     /// Connection limits.
@@ -94,6 +96,30 @@ pub struct Config {
     pub resolver: Option<ResolverConfig>,
     /// `/health` answers 503 while the resolver does not answer.
     pub require_resolver: bool,
+}
+
+/// Where the control socket listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlSocket {
+    /// The default path, `/run/splicegate/control.sock`: if it cannot be
+    /// bound (no such directory, no permission, another process serves
+    /// it) the process runs without one and logs why.
+    Default,
+    /// A configured path: a socket that cannot be bound stops the start.
+    At(std::path::PathBuf),
+    /// None (`path = ""`).
+    Off,
+}
+
+impl ControlSocket {
+    /// The path to bind, if any.
+    pub fn path(&self) -> Option<std::path::PathBuf> {
+        match self {
+            ControlSocket::Default => Some(crate::control::DEFAULT_PATH.into()),
+            ControlSocket::At(p) => Some(p.clone()),
+            ControlSocket::Off => None,
+        }
+    }
 }
 
 /// The admin listener (health and metrics).
@@ -130,6 +156,7 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(300),
             drain_grace: Duration::ZERO,
             admin: None,
+            control: ControlSocket::Default,
             pools: Vec::new(),
             limits: Caps::default(),
             paths: PathTable::new(),

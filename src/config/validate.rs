@@ -8,11 +8,13 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::file::{
-    AdminSection, Dur, FileConfig, LimitsSection, ListenerSection, PathAgentSection,
+    upstream_tls, AdminSection, Dur, FileConfig, LimitsSection, ListenerSection, PathAgentSection,
     PathRouteSection, PoolSection, ResolverSection, RouteSection, RoutingSection,
     SessionInRequestSection, UdpListenerSection,
 };
-use super::{AdminConfig, Config, ConfigError, DEFAULT_ADMIN_CONNECTIONS, DEFAULT_DRAIN_GRACE};
+use super::{
+    AdminConfig, Config, ConfigError, ControlSocket, DEFAULT_ADMIN_CONNECTIONS, DEFAULT_DRAIN_GRACE,
+};
 use super::{MAX_CONNECTIONS, MAX_WEIGHT};
 use crate::cidr::Cidr;
 use crate::context::{CertFiles, ListenerConfig, TerminateConfig};
@@ -25,7 +27,6 @@ use crate::route::path::{PathAgent, PrefixRoute, SessionSource};
 use crate::route::{AgentInName, Target};
 use crate::udp::UdpListenerConfig;
 use crate::upstream::pool::{AgentConfig, CheckKind, HealthConfig, Passive, PoolConfig};
-use crate::upstream::tls::UpstreamTls;
 
 /// Where the text came from, to turn a span into a line and a message.
 struct Src<'a> {
@@ -73,6 +74,9 @@ pub(super) fn config(text: &str, path: &str) -> Result<Config, ConfigError> {
     if let Some(s) = file.shutdown {
         set(&mut config.drain_timeout, s.drain_timeout.map(|d| d.0));
         set(&mut config.drain_grace, s.drain_grace.map(|d| d.0));
+    }
+    if let Some(c) = file.control.and_then(|c| c.path) {
+        config.control = control_path(&src, c)?;
     }
     for (i, l) in file.listener.into_iter().enumerate() {
         let lc = listener(&src, i, l)?;
@@ -157,6 +161,38 @@ pub(super) fn config(text: &str, path: &str) -> Result<Config, ConfigError> {
         config.require_resolver = *r.get_ref();
     }
     Ok(config)
+}
+
+/// `[control] path`: a socket path (`""` turns the control socket off).
+fn control_path(
+    src: &Src<'_>,
+    p: toml::Spanned<std::path::PathBuf>,
+) -> Result<ControlSocket, ConfigError> {
+    let span = p.span();
+    let path = p.into_inner();
+    if path.as_os_str().is_empty() {
+        return Ok(ControlSocket::Off);
+    }
+    if !path.is_absolute() {
+        return Err(src.at(
+            span,
+            format!(
+                "key `path`: the control socket path must be absolute, not {:?}",
+                path.display().to_string()
+            ),
+        ));
+    }
+    // sun_path holds 108 bytes with the terminating NUL.
+    if path.as_os_str().len() > 107 {
+        return Err(src.at(
+            span,
+            format!(
+                "key `path`: {} bytes is longer than a Unix socket path may be (107)",
+                path.as_os_str().len()
+            ),
+        ));
+    }
+    Ok(ControlSocket::At(path))
 }
 
 /// The `[resolver]` section; its CA and client certificate are loaded
@@ -755,7 +791,7 @@ fn path_routes(
     config: &mut Config,
 ) -> Result<(), ConfigError> {
     for r in sections {
-        let prefix = super::cli::parse_prefix(r.prefix.get_ref())
+        let prefix = super::file::parse_prefix(r.prefix.get_ref())
             .map_err(|e| src.at(r.prefix.span(), format!("key `prefix`: {e}")))?;
         if config.paths.has_prefix(&prefix) {
             return Err(src.at(
@@ -823,22 +859,6 @@ fn routing(src: &Src<'_>, r: RoutingSection, config: &mut Config) -> Result<(), 
     config.routes.set_default(default);
     config.routes.set_no_sni(r.no_sni.unwrap_or_default());
     Ok(())
-}
-
-/// `upstream_tls` and `upstream_ca` as one setting. Verification is the
-/// default and needs a CA file; turning it off must be explicit.
-pub(super) fn upstream_tls(
-    kind: Option<&str>,
-    ca: Option<std::path::PathBuf>,
-) -> Result<UpstreamTls, String> {
-    match (kind.unwrap_or("verify"), ca) {
-        ("verify", Some(ca)) => Ok(UpstreamTls::Verify(ca)),
-        ("verify", None) => Err("key `upstream_tls`: verifying agents (the default) needs `upstream_ca`, a PEM file with the CA or the self-signed certificate of the agents (DCV generates a self-signed one per agent); or set upstream_tls = \"insecure\" to skip verification, or \"off\" for plain TCP".into()),
-        ("insecure", None) => Ok(UpstreamTls::Insecure),
-        ("off", None) => Ok(UpstreamTls::Off),
-        ("insecure" | "off", Some(_)) => Err("key `upstream_ca`: only used with upstream_tls = \"verify\"".into()),
-        (other, _) => Err(format!("key `upstream_tls`: `{other}` is not \"verify\", \"insecure\" or \"off\"")),
-    }
 }
 
 /// A duration that must not be zero.

@@ -86,7 +86,9 @@ pub async fn run(opts: DemoOptions) -> Result<(), Box<dyn Error>> {
     config
         .apply_cli(&[], &[], Some(opts.engine), &Default::default())
         .map_err(|e| -> Box<dyn Error> { e.into() })?;
-    let server = Server::start(config.clone())?;
+    // The demo is not operated: no control socket.
+    config.control = crate::config::ControlSocket::Off;
+    let server = Server::start(config.clone(), crate::server::Start::fresh())?;
     let proxy = server.local_addrs()[0].1;
     // Show the port the listener got, not the `:0` it asked for.
     config.listeners[0].bind = vec![proxy];

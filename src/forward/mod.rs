@@ -42,11 +42,11 @@ use std::task::Poll;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio::time::Instant;
 
+pub use crate::counters::Counters;
 use crate::outcome::Kind;
-use crate::shutdown::wait_true;
+use crate::shutdown::{Halt, Stop};
 
 /// How bytes are moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -165,8 +165,15 @@ pub enum End {
     Idle(Duration),
     /// The drain deadline passed during shutdown.
     Drained,
+    /// An operator closed the session.
+    Closed,
     /// A socket failed.
     Failed(PumpError),
+    /// Paused for a live upgrade, with the bytes in flight: nothing was
+    /// lost, and [`run`] goes on from here (in this process or the next).
+    Paused(Box<Paused>),
+    /// The session moved to the new process of a live upgrade.
+    HandedOver,
 }
 
 impl End {
@@ -176,7 +183,9 @@ impl End {
             End::Done => Kind::Done,
             End::Idle(_) => Kind::IdleTimeout,
             End::Drained => Kind::DrainDeadline,
+            End::Closed => Kind::OperatorClose,
             End::Failed(_) => Kind::IoError,
+            End::Paused(_) | End::HandedOver => Kind::HandedOver,
         }
     }
 }
@@ -187,40 +196,84 @@ impl fmt::Display for End {
             End::Done => f.write_str("both sides closed"),
             End::Idle(d) => write!(f, "idle timeout: no data either way for {d:?}"),
             End::Drained => f.write_str("drain deadline passed during shutdown"),
+            End::Closed => f.write_str("closed by an operator"),
             End::Failed(e) => write!(f, "{e}"),
+            End::Paused(_) => f.write_str("paused for a live upgrade"),
+            End::HandedOver => f.write_str("handed over to the new process"),
         }
     }
 }
 
-/// Bytes moved by one connection, updated by the pumps with relaxed atomic
-/// adds and read by the access log, the idle watchdog and `/metrics`.
+/// One direction's state when a session pauses for a live upgrade.
 #[derive(Debug, Default)]
-pub struct Counters {
-    /// Bytes written to the agent.
-    pub to_agent: AtomicU64,
-    /// Bytes written to the client.
-    pub to_client: AtomicU64,
+pub struct InFlight {
+    /// Bytes read from the source and not yet written (copy mode).
+    pub pending: Vec<u8>,
+    /// The splice pipe, when it holds `in_pipe` bytes not yet written.
+    pub pipe: Option<splice::Pipe>,
+    /// Bytes in `pipe`.
+    pub in_pipe: usize,
+    /// EOF was passed on: writing toward the destination is shut down.
+    pub done: bool,
+    /// The kernel refused to splice these sockets: copy only.
+    pub no_splice: bool,
 }
 
-/// Forward until the connection ends, counting into `counters`. `drain`
-/// turning true ends it at once.
+impl InFlight {
+    /// Bytes held, in the buffer and the pipe.
+    pub fn held(&self) -> usize {
+        self.pending.len() + self.in_pipe
+    }
+}
+
+/// Both directions of a paused session; `Paused::default()` is a new
+/// connection's.
+#[derive(Debug, Default)]
+pub struct Paused {
+    /// Client → agent.
+    pub to_agent: InFlight,
+    /// Agent → client.
+    pub to_client: InFlight,
+}
+
+/// Forward until the connection ends, counting into `counters`, going on
+/// from `from` (None for a new connection; what a paused session held is
+/// written first). `stop` ends it at once (close, the
+/// drain deadline) or pauses it for a live upgrade ([`End::Paused`]).
 pub async fn run(
     client: &TcpStream,
     agent: &TcpStream,
     opts: Options,
-    drain: &mut watch::Receiver<bool>,
+    stop: &Stop,
     counters: &std::sync::Arc<Counters>,
+    from: Option<Box<Paused>>,
 ) -> End {
+    // The io_uring engines start from nothing: a session handed over with
+    // bytes in flight goes on with the splice engine.
     #[cfg(feature = "uring")]
-    if matches!(opts.engine, Engine::Uring | Engine::UringSplice) {
-        return uring::run(client, agent, opts, drain, counters).await;
+    if matches!(opts.engine, Engine::Uring | Engine::UringSplice) && from.is_none() {
+        return uring::run(client, agent, opts, stop, counters).await;
     }
+    #[cfg(feature = "uring")]
+    let opts = Options {
+        engine: match opts.engine {
+            Engine::Uring | Engine::UringSplice => Engine::Splice,
+            e => e,
+        },
+        ..opts
+    };
     let (up_count, down_count) = (&counters.to_agent, &counters.to_client);
-    let mut up = pump::Pump::new(client, agent, (Side::Client, Side::Agent), up_count, opts);
-    let mut down = pump::Pump::new(agent, client, (Side::Agent, Side::Client), down_count, opts);
+    // In a block: what `from` held lives on in the pumps only.
+    let (mut up, mut down) = {
+        let from = from.map(|b| *b).unwrap_or_default();
+        let sides = (Side::Client, Side::Agent);
+        let up = pump::Pump::new(client, agent, sides, up_count, opts, from.to_agent);
+        let sides = (Side::Agent, Side::Client);
+        let down = pump::Pump::new(agent, client, sides, down_count, opts, from.to_client);
+        (up, down)
+    };
     let idle = idle(opts.idle_timeout, up_count, down_count);
-    let drained = wait_true(drain);
-    tokio::pin!(idle, drained);
+    tokio::pin!(idle);
     // Boxed: a connection without the mode holds one pointer for it.
     let id = std::sync::Arc::as_ptr(counters) as usize;
     let mut spinner = opts.spin.map(|w| Box::new(spin::Spinner::new(id, w)));
@@ -229,29 +282,31 @@ pub async fn run(
             .load(Ordering::Relaxed)
             .wrapping_add(down_count.load(Ordering::Relaxed))
     };
-    std::future::poll_fn(|cx| {
+    let halted = std::future::poll_fn(|cx| {
         // In low-latency mode, after both directions find their sockets
         // empty, they are read again until the spin stops (see `spin`).
         let mut check = false;
         let mut spun_since: Option<std::time::Instant> = None;
         loop {
+            // Told to stop: before any more bytes move, so a pause leaves
+            // each direction between two chunks.
+            if let Poll::Ready(h) = stop.poll(cx) {
+                return Poll::Ready(Err(h));
+            }
             // The counters are read only in low-latency mode.
             let before = spinner.is_some().then(total);
             let a = up.poll(cx, check);
             let b = down.poll(cx, check);
             match (a, b) {
                 (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => {
-                    return Poll::Ready(End::Failed(e));
+                    return Poll::Ready(Ok(End::Failed(e)));
                 }
-                (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => return Poll::Ready(End::Done),
+                (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => return Poll::Ready(Ok(End::Done)),
                 _ => {}
             }
             if !check {
                 if let Poll::Ready(d) = idle.as_mut().poll(cx) {
-                    return Poll::Ready(End::Idle(d));
-                }
-                if drained.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(End::Drained);
+                    return Poll::Ready(Ok(End::Idle(d)));
                 }
             }
             let moved = before.is_some_and(|b| total() != b);
@@ -266,7 +321,16 @@ pub async fn run(
             check = true;
         }
     })
-    .await
+    .await;
+    match halted {
+        Ok(end) => end,
+        Err(Halt::Handover) => End::Paused(Box::new(Paused {
+            to_agent: up.pause(),
+            to_client: down.pause(),
+        })),
+        Err(Halt::Close) => End::Closed,
+        Err(Halt::Deadline) => End::Drained,
+    }
 }
 
 /// Resolves when neither counter moved for `timeout`. It samples four times
@@ -361,5 +425,165 @@ mod tests {
         tokio::io::AsyncReadExt::read_exact(&mut far, &mut got)
             .await
             .unwrap();
+    }
+
+    /// Two loopback TCP pairs: (client's end, proxy's client leg) and
+    /// (proxy's agent leg, agent's end).
+    async fn legs() -> ((TcpStream, TcpStream), (TcpStream, TcpStream)) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let c = TcpStream::connect(addr).await.unwrap();
+        let (pc, _) = l.accept().await.unwrap();
+        let pa = TcpStream::connect(addr).await.unwrap();
+        let (a, _) = l.accept().await.unwrap();
+        ((c, pc), (pa, a))
+    }
+
+    fn opts(engine: Engine) -> Options {
+        Options {
+            engine,
+            pipe_size: 256 * 1024,
+            idle_timeout: None,
+            spin: None,
+        }
+    }
+
+    /// A session paused with bytes held (its pipe, or its buffer) goes on
+    /// in another forwarding loop — as a new process would — with every
+    /// byte delivered once and in order, and the counts right.
+    #[tokio::test]
+    async fn a_paused_pump_hands_over_the_bytes_it_holds() {
+        use std::sync::Arc;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for engine in [Engine::Splice, Engine::Copy] {
+            let ((mut c, pc), (pa, mut a)) = legs().await;
+            let mut x: u32 = 0x9e37_79b9;
+            let data: Vec<u8> = (0..4 << 20)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as u8
+                })
+                .collect();
+            let sent = data.clone();
+            let writer = tokio::spawn(async move {
+                c.write_all(&sent).await.unwrap();
+                c.shutdown().await.unwrap();
+                c
+            });
+            let (pc, pa) = (Arc::new(pc), Arc::new(pa));
+            let counters = Arc::new(Counters::default());
+            let mut from: Option<Box<Paused>> = None;
+            let mut held = 0;
+            // The agent reads nothing yet: once its buffers are full the
+            // pump holds what it read last. Each round runs a little and
+            // pauses; bounded.
+            for _ in 0..2000 {
+                let stop = Arc::new(Stop::default());
+                let task = {
+                    let (pc, pa, stop, counters) = (
+                        Arc::clone(&pc),
+                        Arc::clone(&pa),
+                        Arc::clone(&stop),
+                        Arc::clone(&counters),
+                    );
+                    let from = from.take();
+                    tokio::spawn(async move {
+                        run(&pc, &pa, opts(engine), &stop, &counters, from).await
+                    })
+                };
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                stop.raise(Halt::Handover);
+                let End::Paused(p) = task.await.unwrap() else {
+                    panic!("not paused")
+                };
+                held = p.to_agent.held();
+                if engine == Engine::Splice {
+                    assert!(p.to_agent.pending.is_empty() || p.to_agent.pipe.is_none());
+                } else {
+                    assert!(p.to_agent.pipe.is_none(), "the copy engine holds no pipe");
+                }
+                from = Some(p);
+                if held > 0 {
+                    break;
+                }
+            }
+            assert!(held > 0, "{engine}: the pump never held bytes");
+            let written = counters.to_agent.load(Ordering::Relaxed);
+            // Go on: the agent reads everything.
+            let stop = Stop::default();
+            let reader = tokio::spawn(async move {
+                let mut got = Vec::new();
+                a.read_to_end(&mut got).await.unwrap();
+                (a, got)
+            });
+            let end = tokio::select! {
+                end = run(&pc, &pa, opts(engine), &stop, &counters, from) => end,
+                r = async {
+                    // The agent saw EOF: close its side, which ends the
+                    // other direction.
+                    let (a, got) = reader.await.unwrap();
+                    drop(a);
+                    got
+                } => {
+                    assert!(r == data, "{engine}: bytes lost, doubled or reordered ({} of {})", r.len(), data.len());
+                    End::Done
+                }
+            };
+            assert!(!matches!(end, End::Failed(_) | End::Paused(_)), "{end}");
+            writer.await.unwrap();
+            assert_eq!(counters.to_agent.load(Ordering::Relaxed), data.len() as u64);
+            assert!(written + held as u64 <= data.len() as u64);
+        }
+    }
+
+    /// What a handed-over direction held is written before anything read
+    /// after it: the buffer's bytes one way, the pipe's the other.
+    #[tokio::test]
+    async fn resumed_directions_write_what_they_hold_first() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let ((mut c, pc), (pa, mut a)) = legs().await;
+        let pipe = splice::Pipe::new(64 * 1024).unwrap();
+        let (_, w) = pipe.ends();
+        nix::unistd::write(w, b"in-pipe-").unwrap();
+        let paused = Paused {
+            to_agent: InFlight {
+                pending: b"held-".to_vec(),
+                ..InFlight::default()
+            },
+            to_client: InFlight {
+                pipe: Some(pipe),
+                in_pipe: 8,
+                ..InFlight::default()
+            },
+        };
+        let counters = std::sync::Arc::new(Counters::default());
+        let stop = Stop::default();
+        let forward = run(
+            &pc,
+            &pa,
+            opts(Engine::Splice),
+            &stop,
+            &counters,
+            Some(Box::new(paused)),
+        );
+        let peers = async {
+            c.write_all(b"next").await.unwrap();
+            let mut got = [0u8; 9];
+            a.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"held-next");
+            a.write_all(b"reply").await.unwrap();
+            let mut got = [0u8; 13];
+            c.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"in-pipe-reply");
+            drop((c, a));
+        };
+        tokio::select! {
+            end = forward => panic!("ended first: {end}"),
+            () = peers => {}
+        }
+        assert_eq!(counters.to_agent.load(Ordering::Relaxed), 9);
+        assert_eq!(counters.to_client.load(Ordering::Relaxed), 13);
     }
 }

@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 
 use super::copy::{self, Relayed};
 use super::splice::{splice_once, Pipe, BACK_TO_COPY, SMALL};
-use super::{shutdown_write, Engine, Options, PumpError, Side};
+use super::{shutdown_write, Engine, InFlight, Options, PumpError, Side};
 
 /// Chunks moved in one poll before the pump yields to other tasks.
 const BUDGET: u32 = 32;
@@ -40,6 +40,8 @@ pub(super) struct Pump<'a> {
     pipe_size: usize,
     /// The engine splices, and the kernel has not refused it.
     can_splice: bool,
+    /// The kernel refused to splice these sockets (`EINVAL`).
+    refused: bool,
     /// No pipe could be made for this burst: copy it in big chunks, and
     /// try again once the source runs dry.
     no_pipe: bool,
@@ -58,14 +60,19 @@ pub(super) struct Pump<'a> {
 }
 
 impl<'a> Pump<'a> {
+    /// A direction that goes on from `from`: what it holds is written
+    /// to `dst` before anything new is read (nothing, for a new
+    /// connection).
     pub(super) fn new(
         src: &'a TcpStream,
         dst: &'a TcpStream,
         sides: (Side, Side),
         count: &'a AtomicU64,
         opts: Options,
+        from: InFlight,
     ) -> Pump<'a> {
-        let splices = opts.engine == Engine::Splice;
+        let splices = opts.engine == Engine::Splice && !from.no_splice;
+        let in_pipe = if from.pipe.is_some() { from.in_pipe } else { 0 };
         Pump {
             src,
             dst,
@@ -74,13 +81,30 @@ impl<'a> Pump<'a> {
             chunk: if splices { SMALL } else { copy::BULK },
             pipe_size: opts.pipe_size,
             can_splice: splices,
+            refused: from.no_splice,
             no_pipe: false,
-            pending: Vec::new(),
-            pipe: None,
-            in_pipe: 0,
+            pending: from.pending,
+            pipe: from.pipe,
+            in_pipe,
             short: 0,
-            done: false,
+            done: from.done,
             check: false,
+        }
+    }
+
+    /// Stop here and give up what this direction holds: the bytes read
+    /// and not yet written (in the buffer or in the pipe), whether it is
+    /// finished, whether these sockets can be spliced. Any point between
+    /// two polls is safe: every byte read is in one of the two, exactly
+    /// once. An empty pipe is closed.
+    pub(super) fn pause(self) -> InFlight {
+        let pipe = if self.in_pipe > 0 { self.pipe } else { None };
+        InFlight {
+            pending: self.pending,
+            in_pipe: if pipe.is_some() { self.in_pipe } else { 0 },
+            pipe,
+            done: self.done,
+            no_splice: self.refused,
         }
     }
 
@@ -255,6 +279,7 @@ impl<'a> Pump<'a> {
             Err(e) if e.raw_os_error() == Some(Errno::EINVAL as i32) => {
                 // These sockets cannot be spliced: copy from now on.
                 self.can_splice = false;
+                self.refused = true;
                 self.pipe = None;
                 Ok(Poll::Ready(false))
             }

@@ -44,19 +44,43 @@ pub fn set_pipe_budget(pipes: usize) {
     PIPES_FREE.store(pipes, Ordering::Release);
 }
 
-/// A pipe: (read end, write end).
-pub(super) struct Pipe {
+/// A splice pipe: (read end, write end), counted against the budget.
+#[derive(Debug)]
+pub struct Pipe {
     pub(super) read: OwnedFd,
     pub(super) write: OwnedFd,
+    /// Took a share of the budget (an adopted pipe may not have found one).
+    counted: bool,
 }
 
 impl Drop for Pipe {
     fn drop(&mut self) {
-        PIPES_FREE.fetch_add(1, Ordering::AcqRel);
+        if self.counted {
+            PIPES_FREE.fetch_add(1, Ordering::AcqRel);
+        }
     }
 }
 
 impl Pipe {
+    /// A pipe received from the previous process of a live upgrade, with
+    /// the bytes it holds. It takes a share of the budget if one is free;
+    /// it is used either way (its bytes must be written).
+    pub fn adopt(read: OwnedFd, write: OwnedFd) -> Pipe {
+        let counted = PIPES_FREE
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok();
+        Pipe {
+            read,
+            write,
+            counted,
+        }
+    }
+
+    /// The two ends (read, write), to hand to a new process.
+    pub fn ends(&self) -> (std::os::fd::BorrowedFd<'_>, std::os::fd::BorrowedFd<'_>) {
+        (self.read.as_fd(), self.write.as_fd())
+    }
+
     /// A pipe of about `size` bytes, if the budget and the kernel allow.
     pub(super) fn new(size: usize) -> io::Result<Pipe> {
         PIPES_FREE
@@ -82,10 +106,15 @@ impl Pipe {
             set(FALLBACK_PIPE);
         }
         let got = fcntl(&write, FcntlArg::F_GETPIPE_SZ).unwrap_or(0);
+        let pipe = Pipe {
+            read,
+            write,
+            counted: true,
+        };
         if usize::try_from(got).unwrap_or(0) < MIN_PIPE {
             return Err(io::Error::from_raw_os_error(Errno::EPERM as i32));
         }
-        Ok(Pipe { read, write })
+        Ok(pipe)
     }
 }
 

@@ -33,10 +33,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use tokio::net::TcpStream;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 
 use super::{idle, Counters, End, Engine, Options, PumpError, Side};
-use crate::shutdown::wait_true;
+use crate::shutdown::{Halt, Stop};
 
 const BUF_SIZE: usize = 64 * 1024;
 const NBUFS: u16 = 512;
@@ -107,7 +107,7 @@ pub(super) async fn run(
     client: &TcpStream,
     agent: &TcpStream,
     opts: Options,
-    drain: &mut watch::Receiver<bool>,
+    stop: &Stop,
     counters: &Arc<Counters>,
 ) -> End {
     let failed = |source: io::Error| {
@@ -157,10 +157,15 @@ pub(super) async fn run(
             let _ = rx.await;
             End::Idle(d)
         }
-        _ = wait_true(drain) => {
+        // The ring owns its own descriptors: such a session cannot move
+        // to a new process, and only a close or the deadline stop it.
+        h = stop.wait_final() => {
             cancel();
             let _ = rx.await;
-            End::Drained
+            match h {
+                Halt::Close => End::Closed,
+                _ => End::Drained,
+            }
         }
     }
 }

@@ -27,7 +27,6 @@ mod io;
 mod prefixed;
 pub mod stream;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,6 +42,8 @@ use crate::resolver::Transport;
 use crate::route::path::{under_web_url_path, PathDecision, AGENT_IN_PATH};
 use crate::route::Target;
 use crate::routing::Routing;
+use crate::session::Transport as SessionTransport;
+use crate::shutdown::Stop;
 use crate::upstream::tls::UpstreamTls;
 use crate::upstream::{self, DialError};
 use certs::CertStore;
@@ -144,8 +145,9 @@ pub struct Job<'a> {
     pub started: Instant,
     /// Its connection id.
     pub id: u64,
-    /// The real client (from the PROXY header, else the peer).
-    pub real_client: SocketAddr,
+    /// Who the connection is between (the real client from the PROXY
+    /// header, else the peer).
+    pub parties: &'a context::Parties,
     /// A LOCAL PROXY header on a listener with `allowed_vpce`: the load
     /// balancer's own health check, which may ask for the health path only.
     pub health_only: bool,
@@ -255,9 +257,13 @@ impl Job<'_> {
         rec.dynamic = route == AGENT_IN_PATH || matches!(target, Target::Session(_));
         rec.route = Some(route);
         rec.agent = Some(target.to_string());
+        let pool = match &target {
+            Target::Pool(name) => Some(name.clone()),
+            _ => None,
+        };
         let (target, path) = match target {
             Target::Session(id) => {
-                let client = Some(self.real_client.ip());
+                let client = Some(self.parties.client.ip());
                 let answer = routing
                     .resolve_session(&id, Transport::Http, client)
                     .await
@@ -278,7 +284,7 @@ impl Job<'_> {
         // the agent's 101 and are dropped without one. A chunked body is
         // forwarded until the client stops.
         let fwd = set.forwarded_headers.then_some(http::Forwarded {
-            client: self.real_client.ip(),
+            client: self.parties.client.ip(),
         });
         let mut first = http::rewrite(&head, &path, fwd);
         let early = &req.buf[req.head_len..];
@@ -309,16 +315,30 @@ impl Job<'_> {
         );
         drop(req);
 
-        let counters = context::register(self.ctx, rec, self.id, connect_time);
+        // Its TLS state lives in rustls inside this process: a terminate
+        // session cannot move to a new process and stays to its end.
+        let reg = context::register(
+            self.ctx,
+            rec,
+            context::Registration {
+                id: self.id,
+                connect: connect_time,
+                age: self.started.elapsed(),
+                parties: self.parties,
+                pool,
+                transport: SessionTransport::Terminate,
+                movable: false,
+            },
+        );
+        let counters = &reg.counters;
         let mut seen = Seen::default();
         let end = self
             .forward(
                 client,
                 &mut agent,
                 (&first, &after_upgrade),
-                websocket,
-                client_limit,
-                &counters,
+                (websocket, client_limit),
+                (counters, &reg.open.session().stop),
                 &mut seen,
             )
             .await;
@@ -338,15 +358,13 @@ impl Job<'_> {
     /// A WebSocket handshake becomes a tunnel only once the agent answers
     /// `101 Switching Protocols`; any other answer is forwarded and ends
     /// the exchange, and nothing more from the client reaches the agent.
-    #[allow(clippy::too_many_arguments)]
     async fn forward<A: AsyncRead + AsyncWrite + Unpin>(
         &self,
         client: &mut ClientStream,
         agent: &mut A,
         (first, after_upgrade): (&[u8], &[u8]),
-        websocket: bool,
-        client_limit: Option<u64>,
-        counters: &Counters,
+        (websocket, client_limit): (bool, Option<u64>),
+        (counters, stop): (&Counters, &Stop),
         seen: &mut Seen,
     ) -> Result<End, Fail> {
         use std::sync::atomic::Ordering::Relaxed;
@@ -422,8 +440,7 @@ impl Job<'_> {
                 opts.agent_limit = resp.body.map(|n| n.saturating_sub(extra));
             }
         }
-        let mut deadline = self.ctx.drain.deadline();
-        Ok(stream::run(client, agent, opts, &mut deadline, counters, seen).await)
+        Ok(stream::run(client, agent, opts, stop, counters, seen).await)
     }
 
     /// Dial the target (through its pool, with retries), send the PROXY
@@ -441,7 +458,7 @@ impl Job<'_> {
         let dialled = upstream::dial(
             &routing.pools,
             target,
-            self.real_client.ip(),
+            self.parties.client.ip(),
             cfg.connect_timeout,
             cfg.keepalive,
         )

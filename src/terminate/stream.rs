@@ -21,10 +21,9 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::watch;
 
 use crate::forward::{idle, Counters, End, PumpError, Side};
-use crate::shutdown::wait_true;
+use crate::shutdown::{Halt, Stop};
 
 const BUF: usize = 16 * 1024;
 
@@ -56,12 +55,13 @@ pub struct Seen {
     pub status: Option<u16>,
 }
 
-/// Forward until the connection ends, counting into `counters`.
+/// Forward until the connection ends, counting into `counters`; `stop`
+/// closes it (an operator's close, the drain deadline).
 pub async fn run<C, A>(
     client: &mut C,
     agent: &mut A,
     opts: StreamOptions,
-    drain: &mut watch::Receiver<bool>,
+    stop: &Stop,
     counters: &Counters,
     seen: &mut Seen,
 ) -> End
@@ -109,7 +109,10 @@ where
             Err(e) => End::Failed(e),
         },
         d = idle(opts.idle_timeout, up_count, down_count) => End::Idle(d),
-        _ = wait_true(drain) => End::Drained,
+        h = stop.wait_final() => match h {
+            Halt::Close => End::Closed,
+            _ => End::Drained,
+        },
     }
 }
 

@@ -14,36 +14,9 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
 use super::batch::with_batch;
+pub use crate::counters::DatagramCounters;
 use crate::outcome::Kind;
-use crate::shutdown::{wait_true, Drain};
-
-/// A flow's datagram and byte counts, updated with relaxed atomic adds by
-/// the two directions and read by `/metrics` and the access log.
-#[derive(Debug, Default)]
-pub struct DatagramCounters {
-    /// Datagrams client → agent.
-    pub to_agent_packets: AtomicU64,
-    /// Bytes client → agent.
-    pub to_agent_bytes: AtomicU64,
-    /// Datagrams agent → client.
-    pub to_client_packets: AtomicU64,
-    /// Bytes agent → client.
-    pub to_client_bytes: AtomicU64,
-    /// Datagrams dropped: a full socket buffer, a send error, or too long.
-    pub dropped: AtomicU64,
-}
-
-impl DatagramCounters {
-    /// (to_agent packets, to_agent bytes, to_client packets, to_client bytes).
-    pub fn snapshot(&self) -> [u64; 4] {
-        [
-            self.to_agent_packets.load(Ordering::Relaxed),
-            self.to_agent_bytes.load(Ordering::Relaxed),
-            self.to_client_packets.load(Ordering::Relaxed),
-            self.to_client_bytes.load(Ordering::Relaxed),
-        ]
-    }
-}
+use crate::shutdown::{Halt, Stop};
 
 /// A routed flow.
 #[derive(Debug)]
@@ -63,7 +36,58 @@ pub struct Flow {
     last: AtomicU64,
 }
 
+/// How a flow's task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowEnd {
+    /// The flow is over, with this outcome.
+    Closed(Kind),
+    /// Paused for a live upgrade: the flow goes on, here or in the new
+    /// process.
+    Paused,
+}
+
 impl Flow {
+    /// A flow handed over by the previous process of a live upgrade: its
+    /// socket connected to `agent`, the counts so far, how long it has
+    /// existed (`age`) and how long ago its last datagram moved (`quiet`).
+    /// Inside a runtime.
+    pub fn adopt(
+        id: u64,
+        client: SocketAddr,
+        agent: SocketAddr,
+        sock: std::net::UdpSocket,
+        counts: [u64; 5],
+        (age, quiet): (Duration, Duration),
+    ) -> io::Result<Flow> {
+        sock.set_nonblocking(true)?;
+        let sock = UdpSocket::from_std(sock)?;
+        let now = Instant::now();
+        let started = now.checked_sub(age).unwrap_or(now);
+        let last = age.saturating_sub(quiet).as_millis() as u64;
+        let c = DatagramCounters::default();
+        let [pa, ba, pc, bc, dropped] = counts;
+        c.to_agent_packets.store(pa, Ordering::Relaxed);
+        c.to_agent_bytes.store(ba, Ordering::Relaxed);
+        c.to_client_packets.store(pc, Ordering::Relaxed);
+        c.to_client_bytes.store(bc, Ordering::Relaxed);
+        c.dropped.store(dropped, Ordering::Relaxed);
+        Ok(Flow {
+            id,
+            client,
+            agent,
+            sock,
+            counters: Arc::new(c),
+            started,
+            last: AtomicU64::new(last),
+        })
+    }
+
+    /// How long ago the last datagram moved either way.
+    pub fn quiet(&self) -> Duration {
+        let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+
     /// A socket connected to `agent`, from an ephemeral port of the
     /// matching family.
     pub async fn connect(id: u64, client: SocketAddr, agent: SocketAddr) -> io::Result<Flow> {
@@ -127,21 +151,20 @@ impl Flow {
     }
 
     /// Relay the agent's datagrams to the client through `listener` until
-    /// the flow is idle for `idle` or the drain deadline passes; returns
-    /// why it ended.
+    /// the flow is idle for `idle` or `stop` says so (close, the drain
+    /// deadline, or a pause for a live upgrade); returns why it ended.
     pub async fn run(
         self: &Arc<Self>,
         listener: &UdpSocket,
         idle: Duration,
-        drain: &Drain,
-    ) -> Kind {
-        let kind = self.relay(listener, idle, drain).await;
+        stop: &Stop,
+    ) -> FlowEnd {
+        let end = self.relay(listener, idle, stop).await;
         super::spin::forget(self);
-        kind
+        end
     }
 
-    async fn relay(self: &Arc<Self>, listener: &UdpSocket, idle: Duration, drain: &Drain) -> Kind {
-        let mut deadline = drain.deadline();
+    async fn relay(self: &Arc<Self>, listener: &UdpSocket, idle: Duration, stop: &Stop) -> FlowEnd {
         let out = listener.as_raw_fd();
         // One timer for the flow's life, moved only when it fires: a busy
         // flow does not touch the timer wheel per datagram.
@@ -150,19 +173,25 @@ impl Flow {
         loop {
             tokio::select! {
                 biased;
-                _ = wait_true(&mut deadline) => return Kind::DrainDeadline,
+                h = stop.wait() => return match h {
+                    // Whatever the agent sends meanwhile waits in the
+                    // socket's buffer for the process that goes on.
+                    Halt::Handover => FlowEnd::Paused,
+                    Halt::Close => FlowEnd::Closed(Kind::OperatorClose),
+                    Halt::Deadline => FlowEnd::Closed(Kind::DrainDeadline),
+                },
                 r = self.sock.readable() => {
                     if r.is_err() {
-                        return Kind::IoError;
+                        return FlowEnd::Closed(Kind::IoError);
                     }
                     if let Some(kind) = self.relay_back(out) {
-                        return kind;
+                        return FlowEnd::Closed(kind);
                     }
                 }
                 () = &mut sleep => {
                     let at = self.idle_at(idle);
                     if at <= Instant::now() {
-                        return Kind::IdleTimeout;
+                        return FlowEnd::Closed(Kind::IdleTimeout);
                     }
                     sleep.as_mut().reset(at.into());
                 }

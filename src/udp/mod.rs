@@ -19,6 +19,7 @@
 
 mod batch;
 mod flow;
+mod handover;
 mod spin;
 
 use std::collections::{HashMap, VecDeque};
@@ -29,10 +30,12 @@ use std::time::{Duration, Instant};
 
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
-pub use flow::{DatagramCounters, Flow};
+pub use flow::{DatagramCounters, Flow, FlowEnd};
+use handover::Handing;
+pub use handover::{AdoptedFlow, Handover, HandoverAsk, PausedFlows};
 
 use crate::context::ACCESS_LOG;
 use crate::metrics::Metrics;
@@ -41,6 +44,7 @@ use crate::quic::{InitialError, InitialSniffer};
 use crate::resolver::Transport;
 use crate::route::Target;
 use crate::routing::SharedRoutes;
+use crate::session::{self, Open, Session, Sessions};
 use crate::shutdown::{wait_true, Drain, Tracker};
 use batch::with_batch;
 
@@ -114,26 +118,8 @@ pub struct UdpCtx {
     pub metrics: Arc<Metrics>,
     /// Live flows count as connections for the drain.
     pub tracker: Tracker,
-}
-
-/// Bind a UDP socket for a listener: address reuse, v6-only for IPv6,
-/// 4 MiB buffers (as far as `net.core.rmem_max`/`wmem_max` allow).
-pub fn bind(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::DGRAM,
-        Some(socket2::Protocol::UDP),
-    )?;
-    socket.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    let _ = socket.set_recv_buffer_size(4 << 20);
-    let _ = socket.set_send_buffer_size(4 << 20);
-    socket.set_nonblocking(true)?;
-    socket.set_cloexec(true)?;
-    socket.bind(&addr.into())?;
-    Ok(socket.into())
+    /// The open sessions of the process (routed flows are sessions).
+    pub sessions: Arc<Sessions>,
 }
 
 /// A flow the listener knows.
@@ -143,7 +129,7 @@ enum Entry {
     /// Routed; its agent's socket is being opened.
     Dialling(Pending),
     /// Relaying.
-    Active(Arc<Flow>),
+    Active(Active),
     /// Refused: its datagrams are dropped until the entry expires.
     Refused { id: u64 },
 }
@@ -155,6 +141,14 @@ struct Pending {
     sniffer: Option<InitialSniffer>,
     held: Vec<Vec<u8>>,
     sni: Option<String>,
+    alpn: Vec<String>,
+}
+
+/// A routed flow: its sockets and counters, its session, its span.
+struct Active {
+    flow: Arc<Flow>,
+    session: Arc<Session>,
+    span: tracing::Span,
 }
 
 enum Event {
@@ -164,10 +158,13 @@ enum Event {
         id: u64,
         route: String,
         agent: String,
-        result: Result<Flow, (Kind, String)>,
+        pool: Option<String>,
+        result: Result<Box<Flow>, (Kind, String)>,
     },
     /// A flow's task ended.
     Closed { client: SocketAddr, id: u64 },
+    /// A flow's task stopped for a live upgrade; the flow goes on.
+    Paused { id: u64, open: Open },
 }
 
 struct Relay {
@@ -183,6 +180,8 @@ struct Relay {
     /// Datagrams dropped without a flow, by [`DROP_REASONS`] index; added
     /// to `/metrics` on each sweep, not under its lock per datagram.
     dropped: [u64; DROP_REASONS.len()],
+    /// A live upgrade in progress: the sockets are not read.
+    handing: Option<Handing>,
 }
 
 /// Why a client datagram had no flow to carry it.
@@ -208,6 +207,7 @@ pub fn spawn(
     sock: std::net::UdpSocket,
     ctx: Arc<UdpCtx>,
     stop: watch::Receiver<bool>,
+    handover: Handover,
 ) -> io::Result<std::thread::JoinHandle<()>> {
     let mut rt = tokio::runtime::Builder::new_current_thread();
     rt.enable_all();
@@ -227,7 +227,7 @@ pub fn spawn(
         }
         rt.block_on(async move {
             match UdpSocket::from_std(sock) {
-                Ok(sock) => serve(sock, ctx, stop).await,
+                Ok(sock) => serve(sock, ctx, stop, handover).await,
                 Err(e) => {
                     tracing::error!(event = "udp_listener_failed", listener = %ctx.config.name, error = %e, "cannot register the UDP socket");
                 }
@@ -239,7 +239,14 @@ pub fn spawn(
 
 /// Serve one bound UDP socket until the drain: after `stop`, no new flow
 /// starts and established ones run until they end or the drain deadline.
-pub async fn serve(sock: UdpSocket, ctx: Arc<UdpCtx>, mut stop: watch::Receiver<bool>) {
+/// In a live upgrade the old process's relay hands its flows over when
+/// asked and ends; the new process's starts with them.
+pub async fn serve(
+    sock: UdpSocket,
+    ctx: Arc<UdpCtx>,
+    mut stop: watch::Receiver<bool>,
+    handover: Handover,
+) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut deadline = ctx.drain.deadline();
     let mut relay = Relay {
@@ -252,7 +259,20 @@ pub async fn serve(sock: UdpSocket, ctx: Arc<UdpCtx>, mut stop: watch::Receiver<
         accepting: true,
         last_limit_log: None,
         dropped: [0; DROP_REASONS.len()],
+        handing: None,
     };
+    if let Some(adopt) = handover.adopt {
+        // Before the socket is read: the adopted flows' datagrams wait in
+        // its buffer meanwhile.
+        let flows = adopt.await.unwrap_or_default();
+        let n = flows.len();
+        for f in flows {
+            relay.adopt(f);
+        }
+        tracing::info!(event = "udp_adopted", listener = %relay.ctx.config.name, flows = n, "UDP listener taken over with its QUIC flows");
+    }
+    let mut asks = handover.asks;
+    let mut decided: Option<oneshot::Receiver<bool>> = None;
     let v6 = relay.sock.local_addr().is_ok_and(|a| a.is_ipv6());
     let mut sweep = tokio::time::interval(Duration::from_millis(250));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -268,16 +288,35 @@ pub async fn serve(sock: UdpSocket, ctx: Arc<UdpCtx>, mut stop: watch::Receiver<
                 give_up = Some(tokio::time::Instant::now() + Duration::from_secs(5));
             }
             _ = tokio::time::sleep_until(give_up.unwrap_or_else(tokio::time::Instant::now)), if give_up.is_some() => break,
-            r = relay.sock.readable() => {
+            r = relay.sock.readable(), if relay.handing.is_none() => {
                 if r.is_err() {
                     break;
                 }
                 relay.receive(v6);
             }
-            Some(ev) = rx.recv() => relay.event(ev),
+            Some(ev) = rx.recv() => {
+                relay.event(ev);
+                if let Some(r) = relay.offer() {
+                    decided = Some(r);
+                }
+            }
+            Some(ask) = async { asks.as_mut()?.recv().await }, if relay.handing.is_none() => {
+                relay.begin_handover(ask);
+                if let Some(r) = relay.offer() {
+                    decided = Some(r);
+                }
+            }
+            taken = async { decided.as_mut()?.await.ok() }, if decided.is_some() => {
+                decided = None;
+                if taken == Some(true) {
+                    relay.handed_over();
+                    break;
+                }
+                relay.resume();
+            }
             _ = sweep.tick() => relay.expire(Instant::now()),
         }
-        if !relay.accepting && relay.flows.is_empty() {
+        if !relay.accepting && relay.flows.is_empty() && relay.handing.is_none() {
             break;
         }
     }
@@ -318,9 +357,9 @@ impl Relay {
     /// One client datagram.
     fn datagram(&mut self, from: SocketAddr, d: &[u8]) {
         match self.flows.get_mut(&from) {
-            Some(Entry::Active(f)) => {
-                f.to_agent(d);
-                spin::note(f);
+            Some(Entry::Active(a)) => {
+                a.flow.to_agent(d);
+                spin::note(&a.flow);
             }
             Some(Entry::Pending(_)) => self.pending(from, d),
             Some(Entry::Dialling(p)) => {
@@ -360,7 +399,7 @@ impl Relay {
             }
             return;
         }
-        let id = crate::listener::next_id();
+        let id = crate::session::next_id();
         let span =
             tracing::info_span!("flow", id, listener = %cfg.name, client = %from, proto = "quic");
         *self.per_client.entry(from.ip()).or_default() += 1;
@@ -376,6 +415,7 @@ impl Relay {
                         sniffer: Some(s),
                         held: Vec::new(),
                         sni: None,
+                        alpn: Vec::new(),
                     }),
                 );
                 self.expiry
@@ -391,6 +431,7 @@ impl Relay {
                     sniffer: None,
                     held: Vec::new(),
                     sni: None,
+                    alpn: Vec::new(),
                 };
                 self.refuse(from, &p, initial_kind(&e), &e.to_string());
             }
@@ -414,6 +455,7 @@ impl Relay {
                 None | Some(Ok(None)) => return,
                 Some(Ok(Some(hello))) => {
                     p.sni = hello.sni;
+                    p.alpn = hello.alpn;
                     Ok(())
                 }
                 Some(Err(e)) => Err((initial_kind(&e), e.to_string(), Some(e.kind()))),
@@ -454,6 +496,10 @@ impl Relay {
             decision.route,
             crate::route::RouteKind::AgentInName(_) | crate::route::RouteKind::SessionInName(_)
         );
+        let pool = match &decision.target {
+            Target::Pool(name) => Some(name.clone()),
+            _ => None,
+        };
         let target = match decision.target {
             Target::Pool(name) => {
                 // The first agent by the pool's policy: `client_hash` on the
@@ -527,6 +573,7 @@ impl Relay {
                     let addr = SocketAddr::new(addr.ip(), port.unwrap_or(addr.port()));
                     Flow::connect(id, from, addr)
                         .await
+                        .map(Box::new)
                         .map_err(|e| (Kind::AgentUnreachable, format!("UDP socket to {addr}: {e}")))
                 };
                 let result = tokio::time::timeout(DIAL_TIMEOUT, dial)
@@ -542,6 +589,7 @@ impl Relay {
                     id,
                     route,
                     agent: agent_label,
+                    pool,
                     result,
                 });
             }
@@ -556,6 +604,7 @@ impl Relay {
                 id,
                 route,
                 agent,
+                pool,
                 result,
             } => {
                 let Some(Entry::Dialling(p)) = self.flows.remove(&client) else {
@@ -566,35 +615,49 @@ impl Relay {
                     return;
                 }
                 match result {
-                    Ok(flow) => self.start(client, p, flow, route, agent),
+                    Ok(flow) => self.start(client, p, *flow, (route, agent, pool)),
                     Err((kind, reason)) => {
                         self.refuse(client, &p, kind, &reason);
                     }
                 }
             }
             Event::Closed { client, id } => {
-                if matches!(self.flows.get(&client), Some(Entry::Active(f)) if f.id == id) {
+                if matches!(self.flows.get(&client), Some(Entry::Active(a)) if a.flow.id == id) {
                     self.flows.remove(&client);
                     self.release(client);
+                    if let Some(h) = &mut self.handing {
+                        h.running = h.running.saturating_sub(1);
+                    }
+                }
+            }
+            Event::Paused { id, open } => {
+                if let Some(h) = &mut self.handing {
+                    h.running = h.running.saturating_sub(1);
+                    h.parked.insert(id, open);
                 }
             }
         }
     }
 
     /// Relay the held datagrams and start the flow's task.
-    fn start(&mut self, client: SocketAddr, p: Pending, flow: Flow, route: String, agent: String) {
+    fn start(
+        &mut self,
+        client: SocketAddr,
+        p: Pending,
+        flow: Flow,
+        (route, agent, pool): (String, String, Option<String>),
+    ) {
         let flow = Arc::new(flow);
         for d in &p.held {
             flow.to_agent(d);
         }
         let ctx = Arc::clone(&self.ctx);
         let name = ctx.config.name.clone();
-        let sni = p.sni.clone().unwrap_or_default();
         p.span.in_scope(|| {
             tracing::info!(
                 target: ACCESS_LOG,
                 event = "routed",
-                sni = %sni,
+                sni = p.sni.as_deref().unwrap_or("-"),
                 route = %route,
                 agent = %flow.agent,
                 hello_us = p.started.elapsed().as_micros() as u64,
@@ -604,15 +667,64 @@ impl Relay {
         });
         ctx.metrics.udp_flow_started(
             flow.id,
-            (name, route.clone(), agent.clone()),
+            (name.clone(), route.clone(), agent.clone()),
             Arc::clone(&flow.counters),
         );
-        self.flows.insert(client, Entry::Active(Arc::clone(&flow)));
+        let info = session::Info {
+            id: flow.id,
+            transport: session::Transport::Quic,
+            listener: name,
+            peer: client,
+            client,
+            vpce: None,
+            sni: p.sni,
+            alpn: p.alpn,
+            route,
+            agent: flow.agent.to_string(),
+            pool,
+            dynamic: agent == "dynamic",
+            started: std::time::SystemTime::now()
+                .checked_sub(p.started.elapsed())
+                .unwrap_or(std::time::UNIX_EPOCH),
+        };
+        let open = ctx.sessions.open(
+            info,
+            session::Bytes::Datagrams(Arc::clone(&flow.counters)),
+            false,
+        );
+        self.spawn_task(client, flow, open, p.span);
+    }
+
+    /// Run a routed flow's task: the agent's datagrams back to the client
+    /// until the flow ends (its `closed` line) or pauses for a live
+    /// upgrade.
+    fn spawn_task(&mut self, client: SocketAddr, flow: Arc<Flow>, open: Open, span: tracing::Span) {
+        let session = Arc::clone(open.session());
+        self.flows.insert(
+            client,
+            Entry::Active(Active {
+                flow: Arc::clone(&flow),
+                session: Arc::clone(&session),
+                span: span.clone(),
+            }),
+        );
+        let ctx = Arc::clone(&self.ctx);
         let guard = ctx.tracker.enter();
         let (sock, tx) = (Arc::clone(&self.sock), self.events.clone());
         tokio::spawn(
             async move {
-                let outcome = flow.run(&sock, ctx.config.idle_timeout, &ctx.drain).await;
+                let end = flow
+                    .run(&sock, ctx.config.idle_timeout, &session.stop)
+                    .await;
+                let outcome = match end {
+                    FlowEnd::Paused => {
+                        let _ = tx.send(Event::Paused { id: flow.id, open });
+                        drop(guard);
+                        return;
+                    }
+                    FlowEnd::Closed(kind) => kind,
+                };
+                let info = &session.info;
                 let [pa, ba, pc, bc] = flow.counters.snapshot();
                 let dropped = flow
                     .counters
@@ -621,8 +733,8 @@ impl Relay {
                 tracing::info!(
                     target: ACCESS_LOG,
                     event = "closed",
-                    sni = %sni,
-                    route = %route,
+                    sni = info.sni.as_deref().unwrap_or("-"),
+                    route = %info.route,
                     agent = %flow.agent,
                     packets_to_agent = pa,
                     bytes_to_agent = ba,
@@ -634,14 +746,15 @@ impl Relay {
                     "QUIC flow closed"
                 );
                 ctx.metrics
-                    .udp_flow_closed(flow.id, &ctx.config.name, outcome);
+                    .udp_flow_closed(flow.id, &ctx.config.name, Some(outcome));
                 let _ = tx.send(Event::Closed {
                     client: flow.client,
                     id: flow.id,
                 });
+                drop(open);
                 drop(guard);
             }
-            .instrument(p.span.clone()),
+            .instrument(span),
         );
     }
 

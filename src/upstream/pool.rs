@@ -165,6 +165,13 @@ impl Agent {
         self.checked_up.load(Ordering::Relaxed)
     }
 
+    /// A slot even above `max_conns`: a connection adopted in a live
+    /// upgrade is established and counts.
+    pub fn adopt_slot(self: &Arc<Self>) -> Slot {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        Slot(Arc::clone(self))
+    }
+
     /// Take a connection slot if under `max_conns`.
     fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
         let max = self.config.max_conns.unwrap_or(usize::MAX);

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod http;
+pub mod quic;
 pub mod resolver;
 
 use std::io::{BufRead, BufReader, Write};
@@ -51,6 +52,10 @@ pub struct Proxy {
     pub addr: SocketAddr,
     /// The admin listener's address, when one is configured.
     pub admin: Option<SocketAddr>,
+    /// The control socket, when the harness chose its path (a config
+    /// with a `[control]` section or a `--control` argument chooses its
+    /// own).
+    pub control: Option<PathBuf>,
     _config: Option<tempfile_lite::TempFile>,
 }
 
@@ -101,9 +106,16 @@ impl Proxy {
         if let Some(c) = &cfg {
             cmd.arg("--config").arg(&c.0);
         }
+        // Each proxy its own control socket, so tests never share one.
+        let own = !config.is_some_and(|c| c.contains("[control]")) && !args.contains(&"--control");
+        let control = own.then(control_path);
+        if let Some(c) = &control {
+            cmd.arg("--control").arg(c);
+        }
         cmd.envs(env.iter().copied()).args(args);
         let mut p = Proxy::start_command(&mut cmd);
         p._config = cfg;
+        p.control = control;
         p
     }
 
@@ -132,6 +144,7 @@ impl Proxy {
             seen: Vec::new(),
             addr: "0.0.0.0:0".parse().unwrap(),
             admin: None,
+            control: None,
             _config: None,
         };
         let ev = p.event("listening", |v| v["listener"] != "admin");
@@ -162,6 +175,15 @@ impl Proxy {
                 ),
             }
         }
+    }
+
+    /// The first event named `name` matching `pred`, seen already or
+    /// waited for.
+    pub fn find_event(&mut self, name: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(v) = self.seen.iter().find(|v| v["event"] == name && pred(v)) {
+            return v.clone();
+        }
+        self.event(name, pred)
     }
 
     /// Whether an event named `name` was already seen (e.g. logged before
@@ -240,6 +262,18 @@ impl Drop for Proxy {
             let _ = c.wait();
         }
     }
+}
+
+/// A control socket path of its own for one proxy (removed by the proxy
+/// when it stops).
+pub fn control_path() -> PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    std::env::temp_dir().join(format!(
+        "splicegate-ctl-{}-{}.sock",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
 }
 
 /// One plain `GET` to an admin listener (HTTP/1.0): the whole answer,
