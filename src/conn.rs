@@ -127,11 +127,16 @@ pub fn adopt(ctx: Arc<ListenerCtx>, a: Adopted, guard: crate::shutdown::Guard) {
                 .and_then(|pool| ctx.routes.current().adopt_slot(pool, &a.info.agent));
             let client_slot = ctx.limits.adopt_client(a.info.client.ip());
             let permit = ctx.limits.try_admit();
-            let open = ctx.sessions.open(
-                a.info,
-                crate::session::Bytes::Stream(Arc::clone(&counters)),
-                matches!(ctx.config.engine, forward::Engine::Splice | forward::Engine::Copy),
-            );
+            let open = ctx.sessions.open(crate::session::New {
+                info: a.info,
+                bytes: crate::session::Bytes::Stream(Arc::clone(&counters)),
+                movable: matches!(
+                    ctx.config.engine,
+                    forward::Engine::Splice | forward::Engine::Copy
+                ),
+                span: tracing::Span::current(),
+                progress: ctx.config.log_progress_interval,
+            });
             let ready = Ready {
                 client,
                 agent,
@@ -547,8 +552,8 @@ async fn prepare(
         &routing.pools,
         &target,
         real_client.ip(),
-        cfg.connect_timeout,
-        cfg.keepalive,
+        (cfg.connect_timeout, cfg.keepalive),
+        &ctx.routes.drained,
     )
     .await
     .map_err(|e| refuse(&client, Refusal::new(e.kind(), e.to_string())))?;

@@ -27,6 +27,9 @@ use crate::shutdown::Drain;
 use crate::sniff::ClientHello;
 use crate::upstream::tls::UpstreamTls;
 
+/// Default `log_progress_interval`.
+pub const DEFAULT_PROGRESS: Duration = Duration::from_secs(300);
+
 /// What every connection accepted on one listener shares.
 pub struct ListenerCtx {
     /// The listener's settings.
@@ -71,6 +74,9 @@ pub struct ListenerConfig {
     /// Low-latency mode: after bytes moved, check the sockets for this
     /// long instead of waiting to be woken (None: off).
     pub spin: Option<Duration>,
+    /// A `progress` access-log line this often for each open session
+    /// (None: off).
+    pub log_progress_interval: Option<Duration>,
     /// PROXY protocol versions expected from trusted peers.
     pub proxy_protocol: ProxyMode,
     /// Peers whose PROXY headers are trusted (and required).
@@ -150,6 +156,7 @@ impl ListenerConfig {
             idle_timeout: Some(Duration::from_secs(3600)),
             keepalive: Some(DEFAULT_KEEPALIVE),
             spin: None,
+            log_progress_interval: Some(DEFAULT_PROGRESS),
             proxy_protocol: ProxyMode::Off,
             proxy_trusted: Vec::new(),
             allowed_vpce: Vec::new(),
@@ -297,16 +304,17 @@ pub fn register(ctx: &ListenerCtx, rec: &mut Record, r: Registration<'_>) -> Reg
             .checked_sub(r.age)
             .unwrap_or(std::time::UNIX_EPOCH),
     };
-    let open = ctx.sessions.open(
+    let open = ctx.sessions.open(session::New {
         info,
-        session::Bytes::Stream(Arc::clone(&counters)),
-        r.movable,
-    );
+        bytes: session::Bytes::Stream(Arc::clone(&counters)),
+        movable: r.movable,
+        span: tracing::Span::current(),
+        progress: ctx.config.log_progress_interval,
+    });
     Registered { counters, open }
 }
 
-/// The tracing target of the access log's events, in both modes.
-pub const ACCESS_LOG: &str = "splicegate::conn";
+pub use crate::logging::ACCESS_LOG;
 
 /// What a connection waited for before it was routed.
 pub enum Waited<'a> {

@@ -60,6 +60,55 @@ enum Command {
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
         timeout: u64,
     },
+    /// Operator commands to the running proxy, over its control socket:
+    /// status, sessions, agents, drain-agent ADDR, undrain-agent ADDR,
+    /// close ID | close --agent ADDR [--over SECS], drain [--deadline SECS],
+    /// upgrade [--timeout SECS], help.
+    Ctl {
+        /// The running process's control socket.
+        #[arg(long, default_value = splicegate::control::DEFAULT_PATH)]
+        control: PathBuf,
+        /// Print the answer as JSON (as the socket gives it).
+        #[arg(long)]
+        json: bool,
+        /// The command and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// On an auto scaling instance: when a termination lifecycle hook
+    /// holds this instance, drain splicegate, record heartbeats while
+    /// sessions remain, and complete the action once they have ended (or
+    /// --max passed).
+    LifecycleWatch {
+        /// The auto scaling group.
+        #[arg(long)]
+        group: String,
+        /// The termination lifecycle hook.
+        #[arg(long)]
+        hook: String,
+        /// The region (default: the instance's, from its metadata).
+        #[arg(long)]
+        region: Option<String>,
+        /// splicegate's control socket.
+        #[arg(long, default_value = splicegate::control::DEFAULT_PATH)]
+        control: PathBuf,
+        /// The instance metadata service.
+        #[arg(long, default_value = "http://169.254.169.254")]
+        imds: String,
+        /// The AWS CLI.
+        #[arg(long, default_value = "aws")]
+        aws: PathBuf,
+        /// How often the metadata and the sessions are looked at.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        poll: std::time::Duration,
+        /// How often a heartbeat is recorded while sessions remain (keep it
+        /// below the hook's heartbeat timeout).
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        heartbeat: std::time::Duration,
+        /// The longest the termination waits for sessions.
+        #[arg(long, default_value = "8h", value_parser = parse_duration)]
+        max: std::time::Duration,
+    },
     /// Start the proxy with two built-in loopback agents and show routing.
     Demo {
         /// Proxy address (port 0 picks a free port).
@@ -139,6 +188,14 @@ fn parse_agent(s: &str) -> Result<AgentArg, String> {
     s.parse()
 }
 
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let d = splicegate::config::parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!("`{s}`: must be more than 0"));
+    }
+    Ok(d)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = if matches!(cli.command, Command::Demo { .. }) {
@@ -152,6 +209,32 @@ fn main() -> ExitCode {
         Command::Cert { out, san, days } => cert(&out, &san, days),
         Command::Run(args) => run(args),
         Command::Upgrade { control, timeout } => upgrade(&control, timeout),
+        Command::Ctl {
+            control,
+            json,
+            command,
+        } => ctl(&control, json, &command),
+        Command::LifecycleWatch {
+            group,
+            hook,
+            region,
+            control,
+            imds,
+            aws,
+            poll,
+            heartbeat,
+            max,
+        } => splicegate::lifecycle::run(&splicegate::lifecycle::Watch {
+            imds,
+            group,
+            hook,
+            region,
+            control,
+            aws,
+            poll,
+            heartbeat,
+            max,
+        }),
         Command::Demo {
             listen,
             engine,
@@ -232,6 +315,40 @@ fn cert(out: &std::path::Path, sans: &[String], days: u32) -> Result<(), String>
     Ok(())
 }
 
+/// `splicegate ctl`: one command to the running process; its answer for a
+/// person (or as JSON), and a failure as an error.
+fn ctl(control: &std::path::Path, json: bool, words: &[String]) -> Result<(), String> {
+    if let Some(w) = words
+        .iter()
+        .find(|w| w.is_empty() || w.contains(char::is_whitespace))
+    {
+        return Err(format!("ctl: {w:?}: one word per argument, without spaces"));
+    }
+    let line = words.join(" ");
+    let wait = std::time::Duration::from_secs(if words[0] == "upgrade" { 3700 } else { 30 });
+    let answer = runtime()?
+        .block_on(splicegate::control::request(control, &line, wait))
+        .map_err(|e| e.to_string())?;
+    if answer["ok"] != true {
+        return Err(format!(
+            "{} failed ({}): {}",
+            words[0],
+            answer["kind"].as_str().unwrap_or("error"),
+            answer["error"].as_str().unwrap_or("no reason given")
+        ));
+    }
+    if json {
+        say!("{answer}");
+    } else {
+        use std::io::Write as _;
+        let text = splicegate::control::show::human(&words[0], &answer);
+        std::io::stdout()
+            .write_all(text.as_bytes())
+            .map_err(|e| format!("stdout: {e}"))?;
+    }
+    Ok(())
+}
+
 /// `splicegate upgrade`: ask the running process, and say what it did.
 fn upgrade(control: &std::path::Path, timeout: u64) -> Result<(), String> {
     let line = format!("upgrade --timeout {timeout}");
@@ -248,7 +365,7 @@ fn upgrade(control: &std::path::Path, timeout: u64) -> Result<(), String> {
         ));
     }
     say!(
-        "upgraded: new process {}; handed over {} listening sockets, {} connections ({} bytes in flight, {} pipes) and {} QUIC flows; {} stay with the old process until they end",
+        "upgraded: new process {}; handed over {} listening sockets, {} connections ({} bytes in flight, {} pipes) and {} QUIC flows; {} stay with the old process (terminate sessions until they end, connections still in their hello until they can move)",
         answer["pid"],
         answer["listeners"],
         answer["connections"],
@@ -306,14 +423,19 @@ fn run(args: RunArgs) -> Result<(), String> {
             Some(fd) => Some(Incoming::open(fd).await?),
             None => None,
         };
-        let (inventory, upgrading) = match &mut incoming {
-            Some(i) => (Inventory::new(std::mem::take(&mut i.sockets)), true),
-            None => (Inventory::default(), false),
+        let (inventory, upgrading, drained) = match &mut incoming {
+            Some(i) => (
+                Inventory::new(std::mem::take(&mut i.sockets)),
+                true,
+                std::mem::take(&mut i.drained),
+            ),
+            None => (Inventory::default(), false, Vec::new()),
         };
         let start = Start {
             inventory: std::sync::Arc::new(inventory),
             launch,
             upgrade: upgrading,
+            drained,
         };
         let started = load(&args).and_then(|config| Server::start(config, start).map_err(|e| e.to_string()));
         let server = match (started, incoming) {
@@ -331,10 +453,11 @@ fn run(args: RunArgs) -> Result<(), String> {
             }
             (Err(e), None) => return Err(e),
         };
-        let which = loop {
+        let (which, timeout) = loop {
             tokio::select! {
-                _ = term.recv() => break "SIGTERM",
-                _ = int.recv() => break "SIGINT",
+                _ = term.recv() => break ("SIGTERM", None),
+                _ = int.recv() => break ("SIGINT", None),
+                timeout = server.process().drain.requested() => break ("control", timeout),
                 _ = hup.recv() => reload(&args, &server),
                 _ = usr2.recv() => {
                     let p = std::sync::Arc::clone(server.process());
@@ -358,7 +481,9 @@ fn run(args: RunArgs) -> Result<(), String> {
             "shutting down"
         );
         // A second SIGTERM or SIGINT closes remaining connections at once.
-        server.shutdown(stop_signal(&mut term, &mut int)).await;
+        server
+            .shutdown_within(timeout, stop_signal(&mut term, &mut int))
+            .await;
         Ok(())
     })
 }

@@ -71,6 +71,8 @@ struct Inner {
     udp_live: HashMap<u64, (RouteKey, Arc<DatagramCounters>, [u64; 4])>,
     /// Live upgrade: what this process took over, by kind.
     adopted: BTreeMap<&'static str, u64>,
+    /// Admin connections closed unanswered, by reason.
+    admin_refused: BTreeMap<&'static str, u64>,
     quic_initial: BTreeMap<(String, &'static str), u64>,
     resolver: BTreeMap<&'static str, u64>,
     resolver_cache: BTreeMap<&'static str, u64>,
@@ -81,12 +83,26 @@ struct Inner {
 #[derive(Default)]
 pub struct Metrics {
     inner: Mutex<Inner>,
+    /// Connections the descriptor limit allows at once (set at start).
+    capacity: std::sync::atomic::AtomicU64,
 }
 
 impl Metrics {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave counters invalid.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many connections the descriptor limit allows at once.
+    pub fn set_capacity(&self, connections: usize) {
+        self.capacity
+            .store(connections as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// An admin connection closed unanswered (`busy`, `peer_limit`,
+    /// `timeout`) or refused (`bad_request`, `proxy_untrusted`).
+    pub fn admin_refused(&self, reason: &'static str) {
+        *self.lock().admin_refused.entry(reason).or_default() += 1;
     }
 
     /// A connection was accepted.
@@ -286,6 +302,28 @@ impl Metrics {
 
         header(
             o,
+            "splicegate_connections_max",
+            "gauge",
+            "Connections the file descriptor limit allows at once (more wait in the backlog).",
+        );
+        let _ = writeln!(
+            o,
+            "splicegate_connections_max {}",
+            self.capacity.load(std::sync::atomic::Ordering::Relaxed)
+        );
+        if let Some((open, max)) = descriptors() {
+            header(o, "splicegate_open_fds", "gauge", "Open file descriptors.");
+            let _ = writeln!(o, "splicegate_open_fds {open}");
+            header(
+                o,
+                "splicegate_fd_limit",
+                "gauge",
+                "The file descriptor limit (RLIMIT_NOFILE, soft).",
+            );
+            let _ = writeln!(o, "splicegate_fd_limit {max}");
+        }
+        header(
+            o,
             "splicegate_connections_accepted_total",
             "counter",
             "Connections accepted.",
@@ -409,6 +447,15 @@ impl Metrics {
                 o,
                 "splicegate_upgrade_handed_over_total{{kind=\"{kind}\"}} {v}"
             );
+        }
+        header(
+            o,
+            "splicegate_admin_refused_total",
+            "counter",
+            "Admin connections closed unanswered (busy, peer_limit, timeout) or refused (bad_request, proxy_untrusted).",
+        );
+        for (r, v) in &g.admin_refused {
+            let _ = writeln!(o, "splicegate_admin_refused_total{{reason=\"{r}\"}} {v}");
         }
         if !g.udp_flows.is_empty() || !g.udp_active.is_empty() || !g.quic_initial.is_empty() {
             render_udp(o, &g);
@@ -568,6 +615,17 @@ fn render_udp(o: &mut String, g: &Inner) {
             );
         }
     }
+}
+
+/// Open descriptors and the soft limit, read at scrape time.
+fn descriptors() -> Option<(u64, u64)> {
+    let open = std::fs::read_dir("/proc/self/fd")
+        .ok()?
+        .count()
+        .saturating_sub(1) as u64;
+    let (soft, _) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).ok()?;
+    Some((open, soft))
 }
 
 fn header(o: &mut String, name: &str, ty: &str, help: &str) {

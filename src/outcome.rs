@@ -73,6 +73,9 @@ pub enum Kind {
     /// the wrong session or transport, or an endpoint outside the
     /// allowlist.
     ResolverBadAnswer,
+    /// The agent is drained by an operator (`splicegate ctl drain-agent`),
+    /// and the route has no other.
+    AgentDraining,
     /// No agent of the pool may be chosen.
     PoolUnavailable,
     /// Every agent the pool tried failed.
@@ -116,7 +119,7 @@ pub enum Alert {
 
 impl Kind {
     /// Every kind, for documentation checks.
-    pub const ALL: [Kind; 43] = [
+    pub const ALL: [Kind; 44] = [
         Kind::Done,
         Kind::IdleTimeout,
         Kind::DrainDeadline,
@@ -147,6 +150,7 @@ impl Kind {
         Kind::ResolverUnavailable,
         Kind::SessionUnknown,
         Kind::ResolverBadAnswer,
+        Kind::AgentDraining,
         Kind::PoolUnavailable,
         Kind::PoolFailed,
         Kind::TlsHandshake,
@@ -195,6 +199,7 @@ impl Kind {
             Kind::ResolverUnavailable => "resolver_unavailable",
             Kind::SessionUnknown => "session_unknown",
             Kind::ResolverBadAnswer => "resolver_bad_answer",
+            Kind::AgentDraining => "agent_draining",
             Kind::PoolUnavailable => "pool_unavailable",
             Kind::PoolFailed => "pool_failed",
             Kind::TlsHandshake => "tls_handshake",
@@ -223,6 +228,7 @@ impl Kind {
             | Kind::AgentUnreachable
             | Kind::ResolverUnavailable
             | Kind::ResolverBadAnswer
+            | Kind::AgentDraining
             | Kind::PoolUnavailable
             | Kind::PoolFailed
             | Kind::IoError => Some(Alert::InternalError),
@@ -240,7 +246,7 @@ impl Kind {
             Kind::HeadTimeout => 408,
             Kind::TooManyHeaders => 431,
             Kind::AgentTimeout => 504,
-            Kind::ResolverUnavailable => 503,
+            Kind::ResolverUnavailable | Kind::AgentDraining => 503,
             Kind::AgentRefused
             | Kind::AgentResolve
             | Kind::AgentUnreachable

@@ -42,23 +42,20 @@ pub async fn gate_open(rx: &mut watch::Receiver<Gate>) -> bool {
     }
 }
 
-/// The next accepted connection while `gate` is open, with one of
-/// `permits` (at the cap, connections wait in the socket's backlog); None
-/// once the gate is closed. A pause waits, holding no permit.
+/// The next accepted connection while `gate` is open; None once it is
+/// closed. A pause waits.
 pub async fn accept_gated<T, F: std::future::Future<Output = T>>(
     gate: &mut watch::Receiver<Gate>,
-    permits: &Arc<tokio::sync::Semaphore>,
     mut accept: impl FnMut() -> F,
-) -> Option<(tokio::sync::OwnedSemaphorePermit, T)> {
+) -> Option<T> {
     loop {
         if !gate_open(gate).await {
             return None;
         }
-        let permit = Arc::clone(permits).acquire_owned().await.ok()?;
         tokio::select! {
             biased;
             _ = gate_shut(gate) => {}
-            r = accept() => return Some((permit, r)),
+            r = accept() => return Some(r),
         }
     }
 }

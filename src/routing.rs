@@ -4,16 +4,17 @@
 //! the current one once, when it is ready to route, so a reload never
 //! disturbs established sessions.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
+use crate::maintenance::Drained;
 use crate::resolver::{Answer, ResolveError, Resolver, Transport};
 use crate::route::path::PathTable;
-use crate::route::RouteTable;
+use crate::route::{RouteTable, Target};
 use crate::upstream::health;
 use crate::upstream::pool::{Pool, PoolConfig};
 
@@ -33,6 +34,19 @@ pub struct Routing {
     /// Health answers 503 while the resolver does not answer.
     require_resolver: bool,
     checks: Vec<JoinHandle<()>>,
+}
+
+/// What the routing says about one agent it names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NamedAgent {
+    /// Rules that send sessions to it (directly or through a pool).
+    pub routes: Vec<String>,
+    /// Pools it is in.
+    pub pools: Vec<String>,
+    /// Up by the pools' health checks (None: no pool checks it).
+    pub up: Option<bool>,
+    /// Connections open to it, as its pools count them.
+    pub active: usize,
 }
 
 /// How often a required resolver is probed.
@@ -102,6 +116,47 @@ impl Routing {
             .map(|a| a.adopt_slot())
     }
 
+    /// Every agent the routes and pools name, by its name in the access
+    /// log: the rules that name it, the pools it is in, and its health
+    /// (pool agents only: up by active and passive checks).
+    pub fn named_agents(&self) -> BTreeMap<String, NamedAgent> {
+        let mut out: BTreeMap<String, NamedAgent> = BTreeMap::new();
+        let now = tokio::time::Instant::now();
+        for (name, pool) in &self.pools {
+            for a in pool.agents() {
+                let e = out.entry(a.name.clone()).or_default();
+                e.pools.push(name.clone());
+                e.up = Some(e.up.unwrap_or(true) && a.is_up(now));
+                e.active += a.active();
+            }
+        }
+        for (route, target) in self.table.targets().into_iter().chain(self.paths.targets()) {
+            match target {
+                Target::Addr(_) | Target::Host { .. } => {
+                    out.entry(target.to_string())
+                        .or_default()
+                        .routes
+                        .push(route);
+                }
+                Target::Pool(p) => {
+                    for a in self.pools.get(&p).map(|p| p.agents()).unwrap_or_default() {
+                        out.entry(a.name.clone())
+                            .or_default()
+                            .routes
+                            .push(route.clone());
+                    }
+                }
+                Target::Session(_) => {}
+            }
+        }
+        for e in out.values_mut() {
+            e.pools.sort();
+            e.routes.sort();
+            e.routes.dedup();
+        }
+        out
+    }
+
     /// Why the proxy should be reported unhealthy, if it should: draining,
     /// or a required pool with no agent up (active and passive health).
     pub fn unhealthy(&self, draining: bool) -> Option<String> {
@@ -128,22 +183,30 @@ impl Drop for Routing {
     }
 }
 
-/// The current [`Routing`], replaceable while the proxy runs.
-pub struct SharedRoutes(RwLock<Arc<Routing>>);
+/// The current [`Routing`], replaceable while the proxy runs, and what
+/// outlives every replacement: the agents an operator drained.
+pub struct SharedRoutes {
+    current: RwLock<Arc<Routing>>,
+    /// Agents no new session is routed to (kept across reloads).
+    pub drained: Drained,
+}
 
 impl SharedRoutes {
     /// A holder with `routing` as the current one.
     pub fn new(routing: Routing) -> Self {
-        SharedRoutes(RwLock::new(Arc::new(routing)))
+        SharedRoutes {
+            current: RwLock::new(Arc::new(routing)),
+            drained: Drained::default(),
+        }
     }
 
     /// The current routing.
     pub fn current(&self) -> Arc<Routing> {
-        Arc::clone(&self.0.read().unwrap_or_else(|p| p.into_inner()))
+        Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Make `routing` current for new connections.
     pub fn replace(&self, routing: Routing) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(routing);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(routing);
     }
 }

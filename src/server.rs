@@ -182,6 +182,9 @@ pub struct Start {
     /// Started by a live upgrade: the old process tells systemd about the
     /// new main process, and inherited UDP sockets wait for their flows.
     pub upgrade: bool,
+    /// Agents drained from the start (what the previous process had
+    /// drained).
+    pub drained: Vec<String>,
 }
 
 impl Start {
@@ -191,6 +194,7 @@ impl Start {
             inventory: Arc::new(Inventory::default()),
             launch: Launch::current(),
             upgrade: false,
+            drained: Vec::new(),
         }
     }
 }
@@ -239,7 +243,7 @@ impl Server {
                 source,
             };
             let (sock, origin) = inventory
-                .tcp(InvKind::Admin, a.bind, 128, false)
+                .tcp(InvKind::Admin, a.bind, 1024, false)
                 .map_err(bind_err)?;
             count(origin);
             let l = TcpListener::from_std(sock).map_err(bind_err)?;
@@ -267,6 +271,7 @@ impl Server {
             .collect();
         let routes = routing(&config, &metrics, None).map_err(StartError::Resolver)?;
         let routes = Arc::new(SharedRoutes::new(routes));
+        routes.drained.extend(start.drained);
         let (stop, stop_rx) = watch::channel(false);
         let drain = Drain::default();
         let tracker = Tracker::default();
@@ -327,7 +332,9 @@ impl Server {
             },
         };
         let unclaimed = inventory.close_unclaimed();
-        let limits = Arc::new(Limits::new(admission(&mut config)));
+        let caps = admission(&mut config);
+        metrics.set_capacity(caps.max_connections.unwrap_or(0));
+        let limits = Arc::new(Limits::new(caps));
         let (traffic, traffic_rx) = watch::channel(Gate::Open);
         let (local, _) = watch::channel(Gate::Open);
         let local_tracker = Tracker::default();
@@ -338,6 +345,9 @@ impl Server {
                 drain: drain.clone(),
                 proxy_trusted: a.proxy_trusted.clone(),
                 max_connections: a.max_connections,
+                max_per_peer: a.max_per_peer,
+                request_timeout: a.request_timeout,
+                logged: Default::default(),
             };
             background.push(tokio::spawn(crate::admin::serve(
                 l,
@@ -452,6 +462,7 @@ impl Server {
                 }
             }
         }
+        background.push(tokio::spawn(Arc::clone(&process.sessions).sampler()));
         let mut watchdog = None;
         if !start.upgrade {
             notify::notify("READY=1");
@@ -533,9 +544,24 @@ impl Server {
     /// 4. established connections run until they end or the drain deadline
     ///    passes (or `force` resolves), then the rest are closed.
     pub async fn shutdown(self, force: impl std::future::Future<Output = ()>) {
+        self.shutdown_within(None, force).await;
+    }
+
+    /// [`Server::shutdown`] with `timeout` in place of `drain_timeout`, if
+    /// given (`splicegate ctl drain --deadline`).
+    pub async fn shutdown_within(
+        mut self,
+        timeout: Option<Duration>,
+        force: impl std::future::Future<Output = ()>,
+    ) {
         tokio::pin!(force);
+        if let Some(t) = timeout {
+            self.drain_timeout = t;
+        }
         let p = Arc::clone(&self.process);
         p.drain.start();
+        p.drain
+            .set_deadline_at(std::time::Instant::now() + self.drain_grace + self.drain_timeout);
         notify::notify("STOPPING=1");
         let mut forced = false;
         if !self.drain_grace.is_zero() {

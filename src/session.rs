@@ -13,7 +13,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -144,6 +144,65 @@ pub struct Session {
     /// or copy engine. Terminate sessions keep their TLS state in this
     /// process; QUIC flows move with their listener's relay.
     pub movable: bool,
+    /// Its span (`conn` or `flow`): progress lines are written in it.
+    pub span: tracing::Span,
+    /// A `progress` line this often (None: never).
+    pub progress: Option<Duration>,
+    /// What the once-a-second sampler last saw.
+    activity: Mutex<Activity>,
+}
+
+/// What the sampler saw of a session.
+#[derive(Debug, Clone, Copy)]
+struct Activity {
+    /// Bytes both ways at the last sample.
+    total: u64,
+    /// When that total last changed (or the session opened).
+    changed: Instant,
+    /// When the last progress line was written (or the session opened).
+    progress_at: Instant,
+}
+
+impl Session {
+    /// How long no byte moved either way, to within a second (the
+    /// sampler's period).
+    pub fn idle(&self, now: Instant) -> Duration {
+        let a = *self.activity.lock().unwrap_or_else(|p| p.into_inner());
+        now.saturating_duration_since(a.changed)
+    }
+
+    /// Note the totals at `now`; true when a progress line is due.
+    fn sample(&self, now: Instant) -> bool {
+        let (to_agent, to_client) = self.bytes.totals();
+        let total = to_agent.wrapping_add(to_client);
+        let mut a = self.activity.lock().unwrap_or_else(|p| p.into_inner());
+        if total != a.total {
+            a.total = total;
+            a.changed = now;
+        }
+        match self.progress {
+            Some(every) if now.saturating_duration_since(a.progress_at) >= every => {
+                a.progress_at = now;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A session that starts forwarding, as [`Sessions::open`] takes it.
+#[derive(Debug)]
+pub struct New {
+    /// What the access log says about it.
+    pub info: Info,
+    /// Its counters.
+    pub bytes: Bytes,
+    /// A live upgrade may move it.
+    pub movable: bool,
+    /// Its span.
+    pub span: tracing::Span,
+    /// How often it logs its progress (None: never).
+    pub progress: Option<Duration>,
 }
 
 /// A passthrough session paused for a live upgrade: its sockets, the
@@ -210,12 +269,25 @@ impl Sessions {
     /// Register a session that starts forwarding. If the drain deadline
     /// has passed it is told to stop at once; during a live upgrade a
     /// movable one is told to pause.
-    pub fn open(self: &Arc<Self>, info: Info, bytes: Bytes, movable: bool) -> Open {
+    pub fn open(self: &Arc<Self>, new: New) -> Open {
+        let now = Instant::now();
+        let total = {
+            let (a, c) = new.bytes.totals();
+            a.wrapping_add(c)
+        };
+        let movable = new.movable;
         let session = Arc::new(Session {
-            info,
-            bytes,
+            info: new.info,
+            bytes: new.bytes,
             stop: Stop::default(),
             movable,
+            span: new.span,
+            progress: new.progress,
+            activity: Mutex::new(Activity {
+                total,
+                changed: now,
+                progress_at: now,
+            }),
         });
         let mut g = self.lock();
         if g.expired {
@@ -256,6 +328,47 @@ impl Sessions {
     /// Open sessions a live upgrade may move.
     pub fn movable(&self) -> usize {
         self.lock().open.values().filter(|s| s.movable).count()
+    }
+
+    /// Note every session's totals at `now` (once a second: how long a
+    /// session has been idle is known to that much); the ones whose
+    /// progress line is due.
+    pub fn sample(&self, now: Instant) -> Vec<Arc<Session>> {
+        let open: Vec<Arc<Session>> = self.lock().open.values().cloned().collect();
+        open.into_iter().filter(|s| s.sample(now)).collect()
+    }
+
+    /// Once a second until the task is dropped: note every session's
+    /// activity, and write the `progress` line of each that is due (in its
+    /// span: the same fields as its `closed` line will have, so far).
+    pub async fn sampler(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = Instant::now();
+            for s in self.sample(now) {
+                let (to_agent, to_client) = s.bytes.totals();
+                let i = &s.info;
+                let age = SystemTime::now()
+                    .duration_since(i.started)
+                    .unwrap_or_default();
+                tracing::info!(
+                    target: crate::logging::ACCESS_LOG,
+                    parent: &s.span,
+                    event = "progress",
+                    transport = %i.transport,
+                    sni = i.sni.as_deref().unwrap_or("-"),
+                    route = %i.route,
+                    agent = %i.agent,
+                    bytes_to_agent = to_agent,
+                    bytes_to_client = to_client,
+                    idle_s = s.idle(now).as_secs(),
+                    duration_ms = age.as_millis() as u64,
+                    "session in progress"
+                );
+            }
+        }
     }
 
     /// The drain deadline passed: tell every session, and every one that
@@ -339,26 +452,60 @@ mod tests {
     #[test]
     fn open_sessions_are_listed_stopped_and_paused() {
         let s = Arc::new(Sessions::default());
-        let bytes = || Bytes::Stream(Arc::default());
-        let a = s.open(info(1), bytes(), true);
-        let b = s.open(info(2), bytes(), false);
+        let new = |id, movable| New {
+            info: info(id),
+            bytes: Bytes::Stream(Arc::default()),
+            movable,
+            span: tracing::Span::none(),
+            progress: None,
+        };
+        let a = s.open(new(1, true));
+        let b = s.open(new(2, false));
         assert_eq!(s.len(), 2);
         assert_eq!(s.movable(), 1);
         let (tx, _rx) = mpsc::unbounded_channel();
         assert_eq!(s.begin_handover(tx), 1);
         assert_eq!(a.session().stop.get(), Some(Halt::Handover));
         assert_eq!(b.session().stop.get(), None, "not movable");
-        let c = s.open(info(3), bytes(), true);
+        let c = s.open(new(3, true));
         assert_eq!(c.session().stop.get(), Some(Halt::Handover), "late");
         s.end_handover();
         assert_eq!(a.session().stop.get(), None, "withdrawn");
         s.expire();
         assert_eq!(b.session().stop.get(), Some(Halt::Deadline));
-        let d = s.open(info(4), bytes(), true);
+        let d = s.open(new(4, true));
         assert_eq!(d.session().stop.get(), Some(Halt::Deadline));
         drop((a, b, c));
         assert_eq!(s.list().iter().map(|x| x.info.id).collect::<Vec<_>>(), [4]);
         drop(d);
         assert!(s.is_empty());
+    }
+
+    #[test]
+    fn the_sampler_knows_idle_time_and_when_progress_is_due() {
+        let s = Arc::new(Sessions::default());
+        let counters: Arc<Counters> = Arc::default();
+        let open = s.open(New {
+            info: info(1),
+            bytes: Bytes::Stream(Arc::clone(&counters)),
+            movable: true,
+            span: tracing::Span::none(),
+            progress: Some(Duration::from_secs(300)),
+        });
+        let t0 = Instant::now();
+        assert!(s.sample(t0 + Duration::from_secs(1)).is_empty());
+        assert!(open.session().idle(t0 + Duration::from_secs(10)) >= Duration::from_secs(9));
+        counters.to_client.fetch_add(5, Ordering::Relaxed);
+        assert!(s.sample(t0 + Duration::from_secs(10)).is_empty());
+        assert_eq!(
+            open.session().idle(t0 + Duration::from_secs(10)),
+            Duration::ZERO
+        );
+        let due = s.sample(t0 + Duration::from_secs(301));
+        assert_eq!(due.len(), 1, "a progress line after 300 s");
+        assert!(
+            s.sample(t0 + Duration::from_secs(302)).is_empty(),
+            "one per period"
+        );
     }
 }

@@ -8,6 +8,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use atomic_waker::AtomicWaker;
 use tokio::sync::{watch, Notify};
@@ -21,6 +22,10 @@ pub struct Drain(Arc<DrainInner>);
 struct DrainInner {
     draining: AtomicBool,
     deadline: watch::Sender<bool>,
+    /// An operator asked for the drain (`ctl drain`), with its timeout.
+    requested: watch::Sender<Option<Option<Duration>>>,
+    /// When the drain deadline falls, once the drain has started.
+    deadline_at: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Default for Drain {
@@ -28,6 +33,8 @@ impl Default for Drain {
         Drain(Arc::new(DrainInner {
             draining: AtomicBool::new(false),
             deadline: watch::channel(false).0,
+            requested: watch::channel(None).0,
+            deadline_at: std::sync::Mutex::new(None),
         }))
     }
 }
@@ -51,6 +58,37 @@ impl Drain {
     /// Resolves when the drain deadline passes.
     pub fn deadline(&self) -> watch::Receiver<bool> {
         self.0.deadline.subscribe()
+    }
+
+    /// Ask the process to drain as SIGTERM does, with `timeout` in place
+    /// of `drain_timeout` if given; false if it already drains.
+    pub fn request(&self, timeout: Option<Duration>) -> bool {
+        if self.draining() {
+            return false;
+        }
+        self.0.requested.send_replace(Some(timeout));
+        true
+    }
+
+    /// Resolves when an operator asked for the drain, with the timeout
+    /// asked for.
+    pub async fn requested(&self) -> Option<Duration> {
+        let mut rx = self.0.requested.subscribe();
+        let got = rx.wait_for(Option::is_some).await.map(|v| *v);
+        match got {
+            Ok(Some(t)) => t,
+            _ => std::future::pending().await,
+        }
+    }
+
+    /// The drain's deadline falls at `at`.
+    pub fn set_deadline_at(&self, at: Instant) {
+        *self.0.deadline_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
+    }
+
+    /// When the drain's deadline falls (None: not draining).
+    pub fn deadline_at(&self) -> Option<Instant> {
+        *self.0.deadline_at.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

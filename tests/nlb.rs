@@ -271,27 +271,42 @@ fn systemd_unit_verifies() {
     ] {
         assert!(unit.contains(key), "unit lacks {key}");
     }
-    // Verify a copy whose ExecStart points at the binary just built.
+    assert!(
+        unit.contains("RuntimeDirectory=splicegate"),
+        "the control socket's directory"
+    );
+    // Verify copies whose ExecStart points at the binary just built: the
+    // proxy's unit and the scale-in watcher's.
     let dir = std::env::temp_dir().join(format!("splicegate-unit-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("splicegate.service");
-    std::fs::write(
-        &path,
-        unit.replace("/usr/local/bin/splicegate", common::bin()),
-    )
-    .unwrap();
-    let out = Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(&path)
-        .output()
+    let watcher = std::fs::read_to_string("systemd/splicegate-lifecycle.service").unwrap();
+    for key in [
+        "EnvironmentFile=/etc/splicegate/lifecycle.env",
+        "lifecycle-watch",
+        "User=splicegate",
+    ] {
+        assert!(watcher.contains(key), "the watcher's unit lacks {key}");
+    }
+    for (name, text) in [
+        ("splicegate.service", &unit),
+        ("splicegate-lifecycle.service", &watcher),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(
+            &path,
+            text.replace("/usr/local/bin/splicegate", common::bin()),
+        )
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{name}: {stderr}");
+        assert!(!stderr.contains(name), "warnings about {name}: {stderr}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
-    assert!(out.status.success(), "{stderr}");
-    assert!(
-        !stderr.contains("splicegate.service"),
-        "warnings about the unit: {stderr}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -608,37 +623,51 @@ fn metrics_label_client_named_agents_by_route() {
     );
 }
 
-/// The admin listener serves at most `[admin] max_connections` at once:
-/// beyond it, a request waits in the backlog until a slot frees.
+/// The admin listener serves at most `[admin] max_connections` untrusted
+/// connections at once: beyond it a connection is closed at once,
+/// unanswered (so slow clients never make a health check wait), and a
+/// slot frees when a client that says nothing reaches `request_timeout`.
 #[test]
 fn admin_connections_are_capped() {
     use std::io::{Read, Write};
-    let text = "[[listener]]\nbind = \"127.0.0.1:0\"\n[admin]\nbind = \"127.0.0.1:0\"\nmax_connections = 2\n";
+    let text = "[[listener]]\nbind = \"127.0.0.1:0\"\n[admin]\nbind = \"127.0.0.1:0\"\nmax_connections = 2\nrequest_timeout = \"300ms\"\n";
     let proxy = Proxy::start(Some(text), &[]);
     let admin = proxy.admin.unwrap();
     // Two connections that say nothing hold both slots.
     let idle: Vec<_> = (0..2)
         .map(|_| std::net::TcpStream::connect(admin).unwrap())
         .collect();
+    std::thread::sleep(Duration::from_millis(50));
     let mut third = std::net::TcpStream::connect(admin).unwrap();
-    third
-        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    third
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
-    let mut buf = [0u8; 64];
-    let early = third.read(&mut buf);
-    assert!(
-        early.is_err(),
-        "answered past the cap: {:?}",
-        early.map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
-    );
-    drop(idle);
+    let _ = third.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
     third.set_read_timeout(Some(WAIT)).unwrap();
-    let mut reply = String::new();
-    third.read_to_string(&mut reply).unwrap();
+    let mut buf = Vec::new();
+    let t = std::time::Instant::now();
+    let _ = third.read_to_end(&mut buf);
+    assert!(
+        buf.is_empty(),
+        "answered past the cap: {:?}",
+        String::from_utf8_lossy(&buf)
+    );
+    assert!(t.elapsed() < Duration::from_millis(250), "closed at once");
+    // The idle ones are closed at their request_timeout, freeing the slots.
+    for mut s in idle {
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        assert!(rest.is_empty());
+    }
+    let reply = common::admin_get(admin, "/health");
     assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+    let m = common::admin_get(admin, "/metrics");
+    assert!(
+        m.contains("splicegate_admin_refused_total{reason=\"busy\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("splicegate_admin_refused_total{reason=\"timeout\"} 2"),
+        "{m}"
+    );
 }
 
 /// A test whose tool is missing skips on a developer's machine but fails

@@ -9,9 +9,10 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 # Real peers the tests drive: openssl (s_client / s_server), curl, HAProxy
 # (a real PROXY v2 sender), systemd-analyze (unit verification), iproute2
 # (network namespaces), Chromium (headless browser end to end), Node.js (the
-# CDK example's synthesis runs on it).
+# CDK example's synthesis runs on it), promtool (the alert rules' checks and
+# tests), setpriv (a control-socket client as another user).
 need=()
-for pkg_cmd in openssl:openssl curl:curl haproxy:haproxy systemd:systemd-analyze iproute2:ip chromium:chromium nodejs:node; do
+for pkg_cmd in openssl:openssl curl:curl haproxy:haproxy systemd:systemd-analyze iproute2:ip chromium:chromium nodejs:node prometheus:promtool util-linux:setpriv; do
   pkg=${pkg_cmd%%:*}; cmd=${pkg_cmd##*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done

@@ -130,6 +130,8 @@ pub(super) struct AdminSection {
     pub(super) require_pools: Vec<Spanned<String>>,
     pub(super) proxy_trusted: Option<Vec<Parsed<Cidr>>>,
     pub(super) max_connections: Option<Spanned<usize>>,
+    pub(super) max_per_peer: Option<Spanned<usize>>,
+    pub(super) request_timeout: Option<Spanned<Dur>>,
     pub(super) require_resolver: Option<Spanned<bool>>,
 }
 
@@ -148,6 +150,7 @@ pub(super) struct ListenerSection {
     pub(super) hello_max_bytes: Option<Spanned<usize>>,
     pub(super) connect_timeout: Option<Spanned<Dur>>,
     pub(super) idle_timeout: Option<Dur>,
+    pub(super) log_progress_interval: Option<Spanned<Dur>>,
     pub(super) keepalive_time: Option<Spanned<Dur>>,
     pub(super) keepalive_interval: Option<Spanned<Dur>>,
     pub(super) keepalive_retries: Option<Spanned<u32>>,
@@ -205,6 +208,7 @@ pub(super) struct UdpListenerSection {
     pub(super) agent_port: Option<Spanned<u16>>,
     pub(super) low_latency: Option<Spanned<String>>,
     pub(super) spin_us: Option<Spanned<u64>>,
+    pub(super) log_progress_interval: Option<Spanned<Dur>>,
 }
 
 #[derive(Deserialize)]

@@ -130,12 +130,24 @@ pub struct AdminConfig {
     /// Peers whose PROXY headers are accepted (optional from them, refused
     /// from anyone else). Default: every listener's `proxy_trusted`.
     pub proxy_trusted: Vec<Cidr>,
-    /// Admin connections served at once; more wait in the backlog.
+    /// Admin connections from untrusted peers served at once (trusted
+    /// peers have as many again of their own); more are closed at once.
     pub max_connections: usize,
+    /// Admin connections one untrusted address may have at once.
+    pub max_per_peer: usize,
+    /// Time from accept for an admin request's whole head.
+    pub request_timeout: Duration,
 }
 
 /// Default cap on concurrent admin connections.
 pub const DEFAULT_ADMIN_CONNECTIONS: usize = 64;
+
+/// Default cap on one untrusted address's admin connections.
+pub const DEFAULT_ADMIN_PER_PEER: usize = 8;
+
+/// Default time for an admin request head: an NLB sends its health check
+/// at once, so a client that takes longer is not one.
+pub const DEFAULT_ADMIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Default drain grace with an admin listener: long enough for an NLB
 /// health check at a 10 s interval to fail twice.

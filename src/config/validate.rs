@@ -352,9 +352,24 @@ fn admin(
         bind: a.bind.0,
         proxy_trusted: Vec::new(),
         max_connections: DEFAULT_ADMIN_CONNECTIONS,
+        max_per_peer: super::DEFAULT_ADMIN_PER_PEER,
+        request_timeout: super::DEFAULT_ADMIN_REQUEST_TIMEOUT,
     };
     if let Some(n) = &a.max_connections {
         cfg.max_connections = within(n, "max_connections", 1, 65536).map_err(|e| src.range(e))?;
+    }
+    if let Some(n) = &a.max_per_peer {
+        cfg.max_per_peer = within(n, "max_per_peer", 1, 65536).map_err(|e| src.range(e))?;
+    }
+    if let Some(d) = &a.request_timeout {
+        let t = d.get_ref().0;
+        if t < Duration::from_millis(100) || t > Duration::from_secs(60) {
+            return Err(src.at(
+                d.span(),
+                "key `request_timeout`: from \"100ms\" to \"60s\"".into(),
+            ));
+        }
+        cfg.request_timeout = t;
     }
     let trusted = a
         .proxy_trusted
@@ -422,7 +437,23 @@ fn udp_listener(
         u.agent_port = Some(within(p, "agent_port", 1, u16::MAX).map_err(range)?);
     }
     u.spin = spin_window(src, l.low_latency.as_ref(), l.spin_us.as_ref(), false)?;
+    if let Some(d) = &l.log_progress_interval {
+        u.log_progress_interval = progress_interval(src, d)?;
+    }
     Ok(u)
+}
+
+/// `log_progress_interval`: `"0"` turns the lines off; otherwise at least
+/// a second (the session sampler's period).
+fn progress_interval(src: &Src<'_>, d: &Spanned<Dur>) -> Result<Option<Duration>, ConfigError> {
+    let v = d.get_ref().0;
+    if !v.is_zero() && v < Duration::from_secs(1) {
+        return Err(src.at(
+            d.span(),
+            "key `log_progress_interval`: at least \"1s\" (or \"0\" for none)".into(),
+        ));
+    }
+    Ok(nonzero(v))
 }
 
 fn listener(src: &Src<'_>, i: usize, l: ListenerSection) -> Result<ListenerConfig, ConfigError> {
@@ -455,6 +486,9 @@ fn listener(src: &Src<'_>, i: usize, l: ListenerSection) -> Result<ListenerConfi
     }
     if let Some(d) = &l.connect_timeout {
         lc.connect_timeout = positive(src, d, "connect_timeout")?;
+    }
+    if let Some(d) = &l.log_progress_interval {
+        lc.log_progress_interval = progress_interval(src, d)?;
     }
     if let Some(d) = l.idle_timeout {
         lc.idle_timeout = nonzero(d.0);

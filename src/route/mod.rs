@@ -330,6 +330,27 @@ impl RouteTable {
         out
     }
 
+    /// Every agent or pool a rule names, with the rule as the access log
+    /// names routes (`exact:NAME`, `wildcard:*.SUFFIX`, `default`,
+    /// `override`). Agent-in-name and session rules name no agent.
+    pub fn targets(&self) -> Vec<(String, Target)> {
+        let mut out: Vec<(String, Target)> = Vec::new();
+        if let Some(t) = &self.override_all {
+            out.push((RouteKind::Override.to_string(), t.clone()));
+        }
+        for (n, t) in &self.exact {
+            out.push((RouteKind::Exact(n.clone()).to_string(), t.clone()));
+        }
+        for (s, t) in &self.wildcard {
+            out.push((RouteKind::Wildcard(s.clone()).to_string(), t.clone()));
+        }
+        if let Some(t) = &self.default {
+            out.push((RouteKind::Default.to_string(), t.clone()));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// All configured rules, in precedence order, for `check` output.
     pub fn describe(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();

@@ -202,6 +202,20 @@ impl PathTable {
             && self.session.is_none()
     }
 
+    /// Every agent or pool a rule names, with the rule (`prefix:/P/`,
+    /// `override`), as the access log names routes.
+    pub fn targets(&self) -> Vec<(String, Target)> {
+        let mut out: Vec<(String, Target)> = self
+            .prefixes
+            .iter()
+            .map(|p| (format!("prefix:{}", p.prefix), p.target.clone()))
+            .collect();
+        if let Some(t) = &self.override_all {
+            out.push(("override".to_owned(), t.clone()));
+        }
+        out
+    }
+
     /// Rules in precedence order, for `splicegate check`.
     pub fn describe(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();

@@ -459,8 +459,8 @@ impl Job<'_> {
             &routing.pools,
             target,
             self.parties.client.ip(),
-            cfg.connect_timeout,
-            cfg.keepalive,
+            (cfg.connect_timeout, cfg.keepalive),
+            &self.ctx.routes.drained,
         )
         .await?;
         rec.agent = Some(dialled.agent);

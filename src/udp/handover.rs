@@ -45,7 +45,7 @@ pub struct AdoptedFlow {
     /// Its socket, connected to the agent.
     pub sock: std::net::UdpSocket,
     /// Datagrams and bytes each way, and drops, so far (as
-    /// [`DatagramCounters`]).
+    /// [`DatagramCounters`](crate::counters::DatagramCounters)).
     pub counts: [u64; 5],
     /// How long it has existed, and how long ago a datagram last moved.
     pub age: (Duration, Duration),
@@ -194,11 +194,13 @@ impl Relay {
         self.ctx
             .metrics
             .udp_flow_adopted(id, key, Arc::clone(&flow.counters));
-        let open = self.ctx.sessions.open(
-            f.info,
-            session::Bytes::Datagrams(Arc::clone(&flow.counters)),
-            false,
-        );
+        let open = self.ctx.sessions.open(session::New {
+            info: f.info,
+            bytes: session::Bytes::Datagrams(Arc::clone(&flow.counters)),
+            movable: false,
+            span: span.clone(),
+            progress: self.ctx.config.log_progress_interval,
+        });
         *self.per_client.entry(client.ip()).or_default() += 1;
         self.spawn_task(client, flow, open, span);
     }

@@ -87,6 +87,9 @@ pub struct UdpListenerConfig {
     /// Low-latency mode: the listener's thread polls its sockets for this
     /// long after datagrams moved before it sleeps (None: off).
     pub spin: Option<Duration>,
+    /// A `progress` access-log line this often for each routed flow
+    /// (None: off).
+    pub log_progress_interval: Option<Duration>,
 }
 
 impl UdpListenerConfig {
@@ -102,6 +105,7 @@ impl UdpListenerConfig {
             max_flows_per_client: DEFAULT_MAX_FLOWS_PER_CLIENT,
             agent_port: None,
             spin: None,
+            log_progress_interval: Some(crate::context::DEFAULT_PROGRESS),
         }
     }
 }
@@ -506,24 +510,39 @@ impl Relay {
                 // datagram's source address gives the agent the client's
                 // TCP connection (hashed on its PROXY address) got.
                 let now = tokio::time::Instant::now();
+                let drained = &self.ctx.routes.drained;
                 let pick = routing
                     .pools
                     .get(&name)
-                    .ok_or_else(|| format!("pool {name:?} is gone"))
+                    .ok_or_else(|| (Kind::PoolUnavailable, format!("pool {name:?} is gone")))
                     .and_then(|pool| {
-                        pool.order(from.ip(), now)
-                            .map_err(|e| e.to_string())?
+                        pool.order(from.ip(), now, drained)
+                            .map_err(|e| (e.kind(), e.to_string()))?
                             .first()
                             .map(|&i| pool.agents()[i].config.target.clone())
-                            .ok_or_else(|| format!("pool {name}: no agent available"))
+                            .ok_or_else(|| {
+                                (
+                                    Kind::PoolUnavailable,
+                                    format!("pool {name}: no agent available"),
+                                )
+                            })
                     });
                 match pick {
                     Ok(t) => t,
-                    Err(reason) => {
-                        self.refuse(from, &p, Kind::PoolUnavailable, &reason);
+                    Err((kind, reason)) => {
+                        self.refuse(from, &p, kind, &reason);
                         return;
                     }
                 }
+            }
+            t @ (Target::Addr(_) | Target::Host { .. })
+                if self.ctx.routes.drained.contains(&t.to_string()) =>
+            {
+                let reason = format!(
+                    "agent {t} is drained (splicegate ctl drain-agent); the route has no other"
+                );
+                self.refuse(from, &p, Kind::AgentDraining, &reason);
+                return;
             }
             t => t,
         };
@@ -687,11 +706,13 @@ impl Relay {
                 .checked_sub(p.started.elapsed())
                 .unwrap_or(std::time::UNIX_EPOCH),
         };
-        let open = ctx.sessions.open(
+        let open = ctx.sessions.open(session::New {
             info,
-            session::Bytes::Datagrams(Arc::clone(&flow.counters)),
-            false,
-        );
+            bytes: session::Bytes::Datagrams(Arc::clone(&flow.counters)),
+            movable: false,
+            span: p.span.clone(),
+            progress: ctx.config.log_progress_interval,
+        });
         self.spawn_task(client, flow, open, p.span);
     }
 

@@ -205,6 +205,7 @@ async fn hello_and_ready(
         pid: std::process::id(),
         next_id: crate::session::peek_next_id(),
         sockets: held.iter().map(|(k, _)| k.clone()).collect(),
+        drained: p.routes.drained.list(),
     };
     let fds: Vec<BorrowedFd<'_>> = held.iter().map(|(_, fd)| fd.as_fd()).collect();
     match chan.send(&hello, &fds, &[]).await {

@@ -34,6 +34,8 @@ pub struct Incoming {
     chan: Channel,
     /// The listening sockets handed over, by key.
     pub sockets: Vec<(Key, OwnedFd)>,
+    /// The agents the old process had drained.
+    pub drained: Vec<String>,
     /// The old process.
     pub from: u32,
 }
@@ -53,6 +55,7 @@ impl Incoming {
             pid,
             next_id,
             sockets,
+            drained,
         } = got.msg
         else {
             return Err(format!(
@@ -87,6 +90,7 @@ impl Incoming {
         Ok(Incoming {
             chan,
             sockets: sockets.into_iter().zip(got.fds).collect(),
+            drained,
             from: pid,
         })
     }

@@ -55,6 +55,9 @@ pub enum Msg {
         next_id: u64,
         /// The sockets' keys.
         sockets: Vec<Key>,
+        /// Agents an operator drained.
+        #[serde(default)]
+        drained: Vec<String>,
     },
     /// New → old: the configuration loaded, every socket is taken or
     /// bound, and new connections are accepted.

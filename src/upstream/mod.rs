@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
+use crate::maintenance::Drained;
 use crate::net::Keepalive;
 use crate::outcome::Kind;
 use crate::route::Target;
@@ -149,6 +150,9 @@ pub enum DialError {
     /// No agent of the pool could be reached.
     #[error("upstream: {0}")]
     Pool(#[from] PoolError),
+    /// The route's only agent is drained by an operator.
+    #[error("upstream: agent {0} is drained (splicegate ctl drain-agent); the route has no other")]
+    Draining(String),
 }
 
 impl DialError {
@@ -158,6 +162,7 @@ impl DialError {
             DialError::NoPool(_) => Kind::NoRoute,
             DialError::Connect(e) => e.kind(),
             DialError::Pool(e) => e.kind(),
+            DialError::Draining(_) => Kind::AgentDraining,
         }
     }
 
@@ -175,21 +180,21 @@ impl DialError {
 }
 
 /// Connect to `target` for a client at `client`: the agent itself, or the
-/// agent a pool chooses for the client, with the pool's retries. The client
-/// sees nothing until an agent accepts.
+/// agent a pool chooses for the client, with the pool's retries; never a
+/// `drained` agent. The client sees nothing until an agent accepts.
 pub async fn dial(
     pools: &HashMap<String, Arc<Pool>>,
     target: &Target,
     client: IpAddr,
-    timeout: Duration,
-    keepalive: Option<Keepalive>,
+    (timeout, keepalive): (Duration, Option<Keepalive>),
+    drained: &Drained,
 ) -> Result<Dialled, DialError> {
     match target {
         Target::Pool(name) => {
             let pool = pools
                 .get(name)
                 .ok_or_else(|| DialError::NoPool(name.clone()))?;
-            let c = pool.connect(client, timeout, keepalive).await?;
+            let c = pool.connect(client, (timeout, keepalive), drained).await?;
             let agent = c.slot.agent();
             Ok(Dialled {
                 agent: agent.name.clone(),
@@ -199,6 +204,7 @@ pub async fn dial(
                 slot: Some(c.slot),
             })
         }
+        t if drained.contains(&t.to_string()) => Err(DialError::Draining(t.to_string())),
         t => Ok(Dialled {
             stream: connect(t, timeout, keepalive).await?,
             agent: t.to_string(),

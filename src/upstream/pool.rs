@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::maintenance::Drained;
 use crate::net::Keepalive;
 use crate::outcome::Kind;
 use crate::route::Target;
@@ -238,9 +239,9 @@ pub struct Pool {
 /// Why no agent of a pool took the connection.
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
-    /// Every agent is down or at its limit; nothing was tried.
+    /// Every agent is down, drained or at its limit; nothing was tried.
     #[error(
-        "pool {pool}: no agent available ({down} down, {full} at max_conns, {zero} with weight 0)"
+        "pool {pool}: no agent available ({down} down, {full} at max_conns, {zero} with weight 0, {draining} drained)"
     )]
     NoneAvailable {
         /// Pool name.
@@ -251,6 +252,8 @@ pub enum PoolError {
         full: usize,
         /// Agents with weight 0.
         zero: usize,
+        /// Agents drained by an operator.
+        draining: usize,
     },
     /// Every attempt failed.
     #[error("pool {pool}: {attempts} attempt(s) failed, last: {last}")]
@@ -268,6 +271,13 @@ impl PoolError {
     /// Stable short label for logs and metrics.
     pub fn kind(&self) -> Kind {
         match self {
+            // Every agent that could take it is drained: that is why.
+            PoolError::NoneAvailable {
+                draining: 1..,
+                down: 0,
+                full: 0,
+                ..
+            } => Kind::AgentDraining,
             PoolError::NoneAvailable { .. } => Kind::PoolUnavailable,
             PoolError::AllFailed { .. } => Kind::PoolFailed,
         }
@@ -335,13 +345,20 @@ impl Pool {
     }
 
     /// Agents to try for a new connection, in order: eligible primaries by
-    /// policy, or eligible backups when no primary is eligible.
-    pub fn order(&self, client: IpAddr, now: Instant) -> Result<Vec<usize>, PoolError> {
+    /// policy, or eligible backups when no primary is eligible. A drained
+    /// agent is never eligible.
+    pub fn order(
+        &self,
+        client: IpAddr,
+        now: Instant,
+        drained: &Drained,
+    ) -> Result<Vec<usize>, PoolError> {
         let eligible = |i: usize| {
             let a = &self.agents[i];
             a.config.weight > 0
                 && a.is_up(now)
                 && a.active() < a.config.max_conns.unwrap_or(usize::MAX)
+                && !drained.contains(&a.name)
         };
         for (tier, backup) in [false, true].into_iter().enumerate() {
             let members: Vec<usize> = (0..self.agents.len())
@@ -367,15 +384,17 @@ impl Pool {
             };
             return Ok(ordered);
         }
-        Err(self.unavailable(now))
+        Err(self.unavailable(now, drained))
     }
 
     /// Why nothing is eligible, counted by cause.
-    fn unavailable(&self, now: Instant) -> PoolError {
-        let (mut down, mut full, mut zero) = (0, 0, 0);
+    fn unavailable(&self, now: Instant, drained: &Drained) -> PoolError {
+        let (mut down, mut full, mut zero, mut draining) = (0, 0, 0, 0);
         for a in &self.agents {
             if a.config.weight == 0 {
                 zero += 1;
+            } else if drained.contains(&a.name) {
+                draining += 1;
             } else if !a.is_up(now) {
                 down += 1;
             } else {
@@ -387,6 +406,7 @@ impl Pool {
             down,
             full,
             zero,
+            draining,
         }
     }
 
@@ -442,10 +462,10 @@ impl Pool {
     pub async fn connect(
         &self,
         client: IpAddr,
-        timeout: Duration,
-        keepalive: Option<Keepalive>,
+        (timeout, keepalive): (Duration, Option<Keepalive>),
+        drained: &Drained,
     ) -> Result<Connected, PoolError> {
-        let order = self.order(client, Instant::now())?;
+        let order = self.order(client, Instant::now(), drained)?;
         let mut last = None;
         let mut attempt = 0;
         for i in order.into_iter().take(self.config.attempts.max(1)) {
@@ -487,7 +507,7 @@ impl Pool {
                 attempts: attempt,
                 last,
             }),
-            None => Err(self.unavailable(Instant::now())),
+            None => Err(self.unavailable(Instant::now(), drained)),
         }
     }
 }

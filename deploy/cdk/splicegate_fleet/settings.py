@@ -49,9 +49,15 @@ KNOWN_KEYS = {
     "nlbIdleTimeoutSeconds",
     "deregistrationDelaySeconds",
     "healthCheck",
+    "scaleIn",
+    "lifecycleUnit",
 }
 VPC_KEYS = {"id", "cidr", "availabilityZones", "privateSubnetIds", "routeTableIds", "createS3Endpoint"}
 HEALTH_KEYS = {"intervalSeconds", "timeoutSeconds", "healthyThreshold", "unhealthyThreshold"}
+SCALE_IN_KEYS = {"heartbeatTimeoutSeconds", "heartbeatSeconds", "maxWaitSeconds", "defaultResult"}
+
+# The termination lifecycle hook the stack adds to the group.
+LIFECYCLE_HOOK = "splicegate-drain"
 
 
 class SettingsError(ValueError):
@@ -64,6 +70,16 @@ class HealthCheck:
     timeout: int
     healthy: int
     unhealthy: int
+
+
+@dataclass
+class ScaleIn:
+    """The termination lifecycle hook and the on-instance watcher's timings."""
+
+    heartbeat_timeout: int
+    heartbeat: int
+    max_wait: int
+    default_result: str
 
 
 @dataclass
@@ -97,6 +113,8 @@ class Settings:
     nlb_idle_timeout: int
     deregistration_delay: int
     health: HealthCheck
+    scale_in: ScaleIn
+    lifecycle_unit: str
     binary_is_static: bool = field(default=True)
 
     @staticmethod
@@ -119,6 +137,8 @@ class Settings:
         _no_unknown(vpc, VPC_KEYS, "vpc.")
         hc = raw.get("healthCheck") or {}
         _no_unknown(hc, HEALTH_KEYS, "healthCheck.")
+        si = raw.get("scaleIn") or {}
+        _no_unknown(si, SCALE_IN_KEYS, "scaleIn.")
 
         s = Settings(
             path=path,
@@ -155,6 +175,13 @@ class Settings:
                 healthy=_int(hc, "healthyThreshold", 3, 2, 10, "healthCheck."),
                 unhealthy=_int(hc, "unhealthyThreshold", 2, 2, 10, "healthCheck."),
             ),
+            scale_in=ScaleIn(
+                heartbeat_timeout=_int(si, "heartbeatTimeoutSeconds", 900, 30, 7200, "scaleIn."),
+                heartbeat=_int(si, "heartbeatSeconds", 300, 10, 7200, "scaleIn."),
+                max_wait=_int(si, "maxWaitSeconds", 8 * 3600, 60, 48 * 3600, "scaleIn."),
+                default_result=_str(si, "defaultResult", "CONTINUE"),
+            ),
+            lifecycle_unit=_file(base, {"lifecycleUnit": raw.get("lifecycleUnit", "../../systemd/splicegate-lifecycle.service")}, "lifecycleUnit"),
         )
         s._check()
         return s
@@ -210,6 +237,22 @@ class Settings:
                 f"deregistrationDelaySeconds: {self.deregistration_delay} s is below drainTimeoutSeconds "
                 f"{self.drain_timeout} s; the NLB would cut sessions splicegate still serves"
             )
+        # The watcher's heartbeats must come before the hook times out, and
+        # the wait it asks for must fit what Auto Scaling grants (48 h, and
+        # at most 100 heartbeat timeouts).
+        si = self.scale_in
+        if si.heartbeat >= si.heartbeat_timeout:
+            raise SettingsError(
+                f"scaleIn.heartbeatSeconds: {si.heartbeat} s must be below heartbeatTimeoutSeconds "
+                f"{si.heartbeat_timeout} s, or the hook times out while sessions are open"
+            )
+        if si.max_wait > 100 * si.heartbeat_timeout:
+            raise SettingsError(
+                f"scaleIn.maxWaitSeconds: {si.max_wait} s is more than 100 heartbeat timeouts "
+                f"({100 * si.heartbeat_timeout} s), the longest Auto Scaling keeps an instance waiting"
+            )
+        if si.default_result not in ("CONTINUE", "ABANDON"):
+            raise SettingsError(f"scaleIn.defaultResult: {si.default_result!r} is not CONTINUE or ABANDON")
         # Keepalives must reset the NLB's idle timer.
         if self.keepalive >= self.nlb_idle_timeout:
             raise SettingsError(
@@ -239,6 +282,21 @@ class Settings:
                 )
 
     # -- what the stack renders ----------------------------------------------------
+
+    def group_name(self) -> str:
+        """The auto scaling group's name: the stack's, so that the hook,
+        the instances' permissions and their watcher name it without a
+        reference back to the group."""
+        return f"{self.stack_name}-fleet"
+
+    def lifecycle_env(self) -> str:
+        """/etc/splicegate/lifecycle.env, one line a variable: what the
+        watcher unit runs with (written with printf by user data)."""
+        si = self.scale_in
+        return (
+            f"GROUP={self.group_name()}\nHOOK={LIFECYCLE_HOOK}\n"
+            f"HEARTBEAT={si.heartbeat}s\nMAX={si.max_wait}s\n"
+        )
 
     def timeout_stop_sec(self) -> int:
         """systemd's stop timeout: the whole drain, plus a margin to exit."""

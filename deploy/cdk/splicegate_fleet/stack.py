@@ -11,11 +11,12 @@ from aws_cdk import aws_s3_assets as s3_assets
 from aws_cdk import custom_resources as cr
 from constructs import Construct
 
-from .settings import ADMIN_PORT, HEALTH_PATH, TRAFFIC_PORT, Settings
+from .settings import ADMIN_PORT, HEALTH_PATH, LIFECYCLE_HOOK, TRAFFIC_PORT, Settings
 
 CONFIG_PATH = "/etc/splicegate/splicegate.toml"
 # Heredoc delimiter around the config in user data (tests find it there).
 CONFIG_MARK = "SPLICEGATE_CONFIG_EOF"
+LIFECYCLE_ENV = "/etc/splicegate/lifecycle.env"
 
 
 class SplicegateFleetStack(cdk.Stack):
@@ -47,6 +48,7 @@ class SplicegateFleetStack(cdk.Stack):
 
         binary = s3_assets.Asset(self, "Binary", path=s.binary)
         unit = s3_assets.Asset(self, "Unit", path=s.systemd_unit)
+        watcher_unit = s3_assets.Asset(self, "LifecycleUnit", path=s.lifecycle_unit)
         if not s.binary_is_static:
             cdk.Annotations.of(self).add_warning_v2(
                 "splicegate:dynamic-binary",
@@ -61,6 +63,11 @@ class SplicegateFleetStack(cdk.Stack):
         )
         unit_tmp = user_data.add_s3_download_command(
             bucket=unit.bucket, bucket_key=unit.s3_object_key, local_file="/tmp/splicegate.service"
+        )
+        watcher_tmp = user_data.add_s3_download_command(
+            bucket=watcher_unit.bucket,
+            bucket_key=watcher_unit.s3_object_key,
+            local_file="/tmp/splicegate-lifecycle.service",
         )
         config = s.splicegate_toml()
         if any(line.strip() == CONFIG_MARK for line in config.splitlines()):
@@ -79,8 +86,13 @@ class SplicegateFleetStack(cdk.Stack):
             "install -d -m 0755 /etc/systemd/system/splicegate.service.d",
             "printf '[Service]\\nTimeoutStopSec=%s\\n' "
             f"{s.timeout_stop_sec()} > /etc/systemd/system/splicegate.service.d/drain.conf",
+            # The scale-in watcher: drains and holds the termination
+            # lifecycle hook until the last session has ended.
+            f"printf '{s.lifecycle_env()}' > {LIFECYCLE_ENV}",
+            f"install -m 0644 {watcher_tmp} /etc/systemd/system/splicegate-lifecycle.service",
             "systemctl daemon-reload",
             "systemctl enable --now splicegate",
+            "systemctl enable --now splicegate-lifecycle",
         )
 
         machine_image = ec2.MachineImage.latest_amazon_linux2023(
@@ -100,6 +112,9 @@ class SplicegateFleetStack(cdk.Stack):
         group = autoscaling.AutoScalingGroup(
             self,
             "Fleet",
+            # A name of its own: the hook's permissions and the instances'
+            # watcher name the group without a reference back to it.
+            auto_scaling_group_name=s.group_name(),
             vpc=vpc,
             vpc_subnets=subnets,
             launch_template=template,
@@ -114,7 +129,43 @@ class SplicegateFleetStack(cdk.Stack):
         )
         binary.grant_read(role)
         unit.grant_read(role)
+        watcher_unit.grant_read(role)
         group.scale_on_cpu_utilization("Cpu", target_utilization_percent=s.cpu_target_percent)
+
+        # -- scale-in that waits for sessions -----------------------------------------
+        # A terminating instance waits (Terminating:Wait) until its watcher
+        # completes the action once the last session ended, extending the
+        # wait with heartbeats; after heartbeatTimeoutSeconds without one
+        # (the instance hung), Auto Scaling goes on with defaultResult.
+        group.add_lifecycle_hook(
+            "DrainOnScaleIn",
+            lifecycle_hook_name=LIFECYCLE_HOOK,
+            lifecycle_transition=autoscaling.LifecycleTransition.INSTANCE_TERMINATING,
+            heartbeat_timeout=cdk.Duration.seconds(s.scale_in.heartbeat_timeout),
+            default_result=autoscaling.DefaultResult[s.scale_in.default_result],
+        )
+        group_arn = cdk.Stack.of(self).format_arn(
+            service="autoscaling",
+            resource="autoScalingGroup",
+            resource_name=f"*:autoScalingGroupName/{s.group_name()}",
+            arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME,
+        )
+        # Its own policy, not the role's default one: the group depends on
+        # the role, and this names the group.
+        iam.Policy(
+            self,
+            "ScaleInPolicy",
+            roles=[role],
+            statements=[
+                iam.PolicyStatement(
+                    actions=[
+                        "autoscaling:CompleteLifecycleAction",
+                        "autoscaling:RecordLifecycleActionHeartbeat",
+                    ],
+                    resources=[group_arn],
+                )
+            ],
+        )
 
         # -- NLB -----------------------------------------------------------------------
         nlb = elbv2.NetworkLoadBalancer(
@@ -138,9 +189,11 @@ class SplicegateFleetStack(cdk.Stack):
             # from clients that splicegate would not trust to send a header.
             preserve_client_ip=False,
             deregistration_delay=cdk.Duration.seconds(s.deregistration_delay),
-            # At the end of the delay, close what is left: splicegate's own
-            # drain_timeout ended those sessions already.
-            connection_termination=True,
+            # At the end of the delay, keep what is left: at scale-in the
+            # instance's watcher holds its termination until the sessions
+            # end (or scaleIn.maxWaitSeconds), and a drain's own
+            # drain_timeout ends them otherwise.
+            connection_termination=False,
             health_check=elbv2.HealthCheck(
                 enabled=True,
                 protocol=elbv2.Protocol.HTTP,

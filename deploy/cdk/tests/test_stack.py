@@ -83,6 +83,7 @@ def _config_file(tmp_path, overrides: dict) -> str:
     raw.update(overrides)
     raw["binary"] = _binary()
     raw["systemdUnit"] = os.path.join(REPO, "systemd", "splicegate.service")
+    raw["lifecycleUnit"] = os.path.join(REPO, "systemd", "splicegate-lifecycle.service")
     raw["routes"] = os.path.join(APP_DIR, "routes.toml")
     path = tmp_path / "config.json"
     path.write_text(json.dumps(raw))
@@ -192,6 +193,9 @@ def test_nlb_notices_a_drain_before_drain_grace_ends(synth):
 
 def test_established_sessions_outlive_the_drain(synth):
     attrs = _attrs(_target_group(synth))
+    # Deregistration (the first step of a scale-in) keeps established flows:
+    # the instance's watcher decides when they end.
+    assert attrs["deregistration_delay.connection_termination.enabled"] == "false"
     shutdown = synth.toml["shutdown"]
     grace, timeout = _seconds(shutdown["drain_grace"]), _seconds(shutdown["drain_timeout"])
     assert int(attrs["deregistration_delay.timeout_seconds"]) >= timeout
@@ -313,6 +317,54 @@ def test_auto_scaling_group_spans_the_zones(synth):
     assert group["TargetGroupARNs"], "instances register with the target group"
 
 
+def test_scale_in_waits_for_sessions(synth):
+    si = synth.settings.scale_in
+    (hook,) = synth.resources("AWS::AutoScaling::LifecycleHook")
+    assert hook["LifecycleTransition"] == "autoscaling:EC2_INSTANCE_TERMINATING"
+    assert hook["LifecycleHookName"] == "splicegate-drain"
+    assert hook["HeartbeatTimeout"] == si.heartbeat_timeout
+    assert hook["DefaultResult"] == si.default_result
+    (group,) = synth.resources("AWS::AutoScaling::AutoScalingGroup")
+    assert group["AutoScalingGroupName"] == synth.settings.group_name()
+    # The watcher runs on every instance, with the group, hook and timings.
+    script = _script(synth)
+    env = re.search(r"printf '([^']*)' > /etc/splicegate/lifecycle\.env", script)
+    assert env, script
+    values = dict(line.split("=", 1) for line in env.group(1).replace("\\n", "\n").splitlines() if line)
+    assert values == {
+        "GROUP": synth.settings.group_name(),
+        "HOOK": "splicegate-drain",
+        "HEARTBEAT": f"{si.heartbeat}s",
+        "MAX": f"{si.max_wait}s",
+    }, values
+    assert si.heartbeat < si.heartbeat_timeout
+    for step in ["/etc/systemd/system/splicegate-lifecycle.service", "systemctl enable --now splicegate-lifecycle"]:
+        assert step in script, step
+
+
+def test_instances_may_act_on_their_own_group_only(synth):
+    statements = [
+        st
+        for p in synth.resources("AWS::IAM::Policy")
+        for st in p["PolicyDocument"]["Statement"]
+        if any(str(a).startswith("autoscaling:") for a in _list(st["Action"]))
+    ]
+    (st,) = statements
+    assert st["Effect"] == "Allow"
+    assert sorted(_list(st["Action"])) == [
+        "autoscaling:CompleteLifecycleAction",
+        "autoscaling:RecordLifecycleActionHeartbeat",
+    ]
+    (resource,) = _list(st["Resource"])
+    text = json.dumps(resource)
+    assert "autoScalingGroup" in text and f"autoScalingGroupName/{synth.settings.group_name()}" in text, text
+    assert '"*"' not in text.replace(":*:", ""), text
+
+
+def _list(v) -> list:
+    return v if isinstance(v, list) else [v]
+
+
 def test_endpoint_service_requires_acceptance(synth):
     synth.template.has_resource_properties(
         "AWS::EC2::VPCEndpointService",
@@ -348,6 +400,10 @@ BAD = [
     ({"nlbIdleTimeoutSeconds": 30}, "nlbIdleTimeoutSeconds: expected an integer in 60..=6000"),
     ({"architecture": "arm64"}, "binary: "),
     ({"vpc": {"id": "vpc-1", "availabilityZones": ["a"], "privateSubnetIds": []}}, "vpc: an existing VPC needs"),
+    ({"scaleIn": {"heartbeatTimeoutSeconds": 300, "heartbeatSeconds": 300}}, "scaleIn.heartbeatSeconds: 300 s must be below"),
+    ({"scaleIn": {"heartbeatTimeoutSeconds": 60, "heartbeatSeconds": 30}}, "scaleIn.maxWaitSeconds: 28800 s is more than 100"),
+    ({"scaleIn": {"defaultResult": "STOP"}}, "scaleIn.defaultResult: 'STOP' is not"),
+    ({"scaleIn": {"maxWait": 10}}, "scaleIn.maxWait: unknown key"),
 ]
 
 

@@ -36,7 +36,7 @@ fn weighted_round_robin_shares() {
     let now = Instant::now();
     let mut counts = [0; 3];
     for _ in 0..400 {
-        counts[p.order(ip(1), now).unwrap()[0]] += 1;
+        counts[p.order(ip(1), now, &Drained::default()).unwrap()[0]] += 1;
     }
     assert_eq!(counts, [300, 100, 0]);
 }
@@ -45,11 +45,11 @@ fn weighted_round_robin_shares() {
 fn backups_only_when_primaries_are_down() {
     let p = pool(Policy::First, &[(1, false), (1, true)]);
     let now = Instant::now();
-    assert_eq!(p.order(ip(1), now).unwrap(), vec![0]);
+    assert_eq!(p.order(ip(1), now, &Drained::default()).unwrap(), vec![0]);
     p.agents[0].set_checked(false);
-    assert_eq!(p.order(ip(1), now).unwrap(), vec![1]);
+    assert_eq!(p.order(ip(1), now, &Drained::default()).unwrap(), vec![1]);
     p.agents[1].set_checked(false);
-    let e = p.order(ip(1), now).unwrap_err();
+    let e = p.order(ip(1), now, &Drained::default()).unwrap_err();
     assert!(e.to_string().contains("2 down"), "{e}");
 }
 
@@ -57,8 +57,12 @@ fn backups_only_when_primaries_are_down() {
 fn client_hash_is_sticky_and_moves_only_the_failed_agents_clients() {
     let p = pool(Policy::ClientHash, &[(1, false), (1, false), (1, false)]);
     let now = Instant::now();
-    let before: Vec<usize> = (0..3000).map(|n| p.order(ip(n), now).unwrap()[0]).collect();
-    let again: Vec<usize> = (0..3000).map(|n| p.order(ip(n), now).unwrap()[0]).collect();
+    let before: Vec<usize> = (0..3000)
+        .map(|n| p.order(ip(n), now, &Drained::default()).unwrap()[0])
+        .collect();
+    let again: Vec<usize> = (0..3000)
+        .map(|n| p.order(ip(n), now, &Drained::default()).unwrap()[0])
+        .collect();
     assert_eq!(before, again);
     let mut counts = [0usize; 3];
     before.iter().for_each(|&i| counts[i] += 1);
@@ -68,7 +72,7 @@ fn client_hash_is_sticky_and_moves_only_the_failed_agents_clients() {
     );
     p.agents[1].set_checked(false);
     for (n, &b) in before.iter().enumerate() {
-        let after = p.order(ip(n as u32), now).unwrap()[0];
+        let after = p.order(ip(n as u32), now, &Drained::default()).unwrap()[0];
         if b != 1 {
             assert_eq!(after, b, "client {n} moved although its agent is up");
         } else {
@@ -84,11 +88,13 @@ fn passive_failures_mark_down_for_fail_timeout() {
     assert!(!p.agents[0].failed(&p.config.passive, t0));
     assert!(p.agents[0].failed(&p.config.passive, t0 + Duration::from_secs(1)));
     assert_eq!(
-        p.order(ip(1), t0 + Duration::from_secs(2)).unwrap(),
+        p.order(ip(1), t0 + Duration::from_secs(2), &Drained::default())
+            .unwrap(),
         vec![1]
     );
     assert_eq!(
-        p.order(ip(1), t0 + Duration::from_secs(32)).unwrap(),
+        p.order(ip(1), t0 + Duration::from_secs(32), &Drained::default())
+            .unwrap(),
         vec![0, 1]
     );
     // Failures outside the window do not add up.
@@ -116,14 +122,34 @@ fn least_conn_and_max_conns() {
         .collect();
     let now = Instant::now();
     let s0 = p.agents[0].try_acquire().unwrap();
-    assert_eq!(p.order(ip(1), now).unwrap(), vec![1]);
+    assert_eq!(p.order(ip(1), now, &Drained::default()).unwrap(), vec![1]);
     let _s1 = p.agents[1].try_acquire().unwrap();
     assert!(p.agents[1].try_acquire().is_none());
     assert!(p
-        .order(ip(1), now)
+        .order(ip(1), now, &Drained::default())
         .unwrap_err()
         .to_string()
         .contains("2 at max_conns"));
     drop(s0);
-    assert_eq!(p.order(ip(1), now).unwrap(), vec![0]);
+    assert_eq!(p.order(ip(1), now, &Drained::default()).unwrap(), vec![0]);
+}
+
+#[test]
+fn drained_agents_take_no_new_connection() {
+    let p = pool(Policy::LeastConn, &[(1, false), (1, false)]);
+    let now = Instant::now();
+    let drained = Drained::default();
+    drained.insert(p.agents[0].name.clone());
+    for n in 0..10 {
+        assert_eq!(p.order(ip(n), now, &drained).unwrap(), vec![1]);
+    }
+    drained.insert(p.agents[1].name.clone());
+    let e = p.order(ip(1), now, &drained).unwrap_err();
+    assert_eq!(e.kind(), Kind::AgentDraining, "{e}");
+    assert!(e.to_string().contains("2 drained"), "{e}");
+    // One drained, the other down: the pool is unavailable, not draining.
+    drained.remove(&p.agents[1].name);
+    p.agents[1].set_checked(false);
+    let e = p.order(ip(1), now, &drained).unwrap_err();
+    assert_eq!(e.kind(), Kind::PoolUnavailable, "{e}");
 }

@@ -23,7 +23,12 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 
-use crate::process::{accept_gated, Process, UpgradeState};
+mod commands;
+pub mod show;
+
+pub use commands::{command, COMMANDS};
+
+use crate::process::{accept_gated, Process};
 
 /// Where the control socket listens unless configured otherwise
 /// (`[control] path`, `--control`); systemd's `RuntimeDirectory=splicegate`
@@ -43,9 +48,14 @@ const MAX_CLIENTS: usize = 16;
 pub async fn serve(listener: UnixListener, p: Arc<Process>) {
     let permits = Arc::new(Semaphore::new(MAX_CLIENTS));
     let mut gate = p.local.subscribe();
-    while let Some((permit, accepted)) =
-        accept_gated(&mut gate, &permits, || listener.accept()).await
-    {
+    loop {
+        // At the cap, connections wait in the backlog.
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+            return;
+        };
+        let Some(accepted) = accept_gated(&mut gate, || listener.accept()).await else {
+            return;
+        };
         match accepted {
             Ok((s, _)) => {
                 let p = Arc::clone(&p);
@@ -65,7 +75,7 @@ pub async fn serve(listener: UnixListener, p: Arc<Process>) {
 }
 
 /// A failed command's answer.
-fn fail(kind: &str, error: impl std::fmt::Display) -> Value {
+pub(crate) fn fail(kind: &str, error: impl std::fmt::Display) -> Value {
     json!({"ok": false, "kind": kind, "error": error.to_string()})
 }
 
@@ -158,145 +168,6 @@ async fn read_request(s: &mut UnixStream) -> Result<String, Value> {
         return Err(fail("bad_request", "control characters in the request"));
     }
     Ok(line.to_owned())
-}
-
-/// The commands, with their one-line help.
-pub const COMMANDS: &[(&str, &str)] = &[
-    ("help", "this list"),
-    ("status", "pid, version, uptime, draining, open sessions, live upgrade state"),
-    (
-        "upgrade [--timeout SECS]",
-        "start the binary at this process's path and hand it every socket and session that can move",
-    ),
-];
-
-/// Flags of a command: `--name value` pairs after the verb; anything else
-/// is an error naming it.
-struct Flags<'a> {
-    pairs: Vec<(&'a str, &'a str)>,
-    positional: Vec<&'a str>,
-}
-
-fn flags<'a>(words: &[&'a str], known: &[&str]) -> Result<Flags<'a>, Value> {
-    let mut pairs = Vec::new();
-    let mut positional = Vec::new();
-    let mut it = words.iter();
-    while let Some(&w) = it.next() {
-        if let Some(name) = w.strip_prefix("--") {
-            if !known.contains(&name) {
-                return Err(fail(
-                    "bad_request",
-                    format!("unknown option --{}", crate::logging::printable(name)),
-                ));
-            }
-            let Some(&v) = it.next() else {
-                return Err(fail("bad_request", format!("--{name} needs a value")));
-            };
-            pairs.push((name, v));
-        } else {
-            positional.push(w);
-        }
-    }
-    Ok(Flags { pairs, positional })
-}
-
-impl Flags<'_> {
-    fn get(&self, name: &str) -> Option<&str> {
-        self.pairs
-            .iter()
-            .rev()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| *v)
-    }
-
-    fn seconds(&self, name: &str, max: u64) -> Result<Option<Duration>, Value> {
-        let Some(v) = self.get(name) else {
-            return Ok(None);
-        };
-        match v.parse::<u64>() {
-            Ok(n) if n >= 1 && n <= max => Ok(Some(Duration::from_secs(n))),
-            _ => Err(fail(
-                "bad_request",
-                format!(
-                    "--{name} takes whole seconds from 1 to {max}, not `{}`",
-                    crate::logging::printable(v)
-                ),
-            )),
-        }
-    }
-}
-
-/// Run one command.
-pub async fn command(p: &Arc<Process>, words: &[&str]) -> Value {
-    let Some((&verb, rest)) = words.split_first() else {
-        return fail("bad_request", "empty request; try `help`");
-    };
-    match verb {
-        "help" => {
-            let list: Vec<Value> = COMMANDS
-                .iter()
-                .map(|(c, h)| json!({"command": c, "help": h}))
-                .collect();
-            json!({"ok": true, "commands": list})
-        }
-        "status" => status(p),
-        "upgrade" => {
-            let f = match flags(rest, &["timeout"]) {
-                Ok(f) => f,
-                Err(v) => return v,
-            };
-            if let Some(extra) = f.positional.first() {
-                return fail(
-                    "bad_request",
-                    format!("unexpected `{}`", crate::logging::printable(extra)),
-                );
-            }
-            let timeout = match f.seconds("timeout", 3600) {
-                Ok(t) => t.unwrap_or(crate::upgrade::DEFAULT_TIMEOUT),
-                Err(v) => return v,
-            };
-            match crate::upgrade::upgrade(p, timeout).await {
-                Ok(r) => json!({
-                    "ok": true,
-                    "pid": r.pid,
-                    "listeners": r.listeners,
-                    "connections": r.connections,
-                    "in_flight_bytes": r.in_flight,
-                    "pipes": r.pipes,
-                    "flows": r.flows,
-                    "staying": r.staying,
-                }),
-                Err(e) => fail(e.kind(), e),
-            }
-        }
-        other => fail(
-            "unknown_command",
-            format!(
-                "unknown command `{}`; try `help`",
-                crate::logging::printable(other)
-            ),
-        ),
-    }
-}
-
-fn status(p: &Process) -> Value {
-    let upgrade = p.upgrade_state().clone();
-    let (state, to) = match upgrade {
-        UpgradeState::Idle => ("idle", None),
-        UpgradeState::InProgress => ("in_progress", None),
-        UpgradeState::Retired(pid) => ("retired", Some(pid)),
-    };
-    json!({
-        "ok": true,
-        "pid": std::process::id(),
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptime_s": p.started.elapsed().as_secs(),
-        "draining": p.drain.draining(),
-        "sessions": p.sessions.len(),
-        "connections": p.tracker.active(),
-        "upgrade": state,
-        "handed_over_to": to,
-    })
 }
 
 /// Why a request to the control socket got no answer.
