@@ -577,12 +577,22 @@ async fn failing_new_binaries_leave_the_old_process_serving() {
     assert_eq!(status["pid"], pid, "{status}");
     assert_eq!(status["upgrade"], "idle", "{status}");
 
-    // 4. The real binary takes over, open session included.
+    // 4. The real binary takes over, open session and drained agents
+    // included.
+    let v = control_line(&control, "drain-agent 10.9.9.9:8443");
+    assert_eq!(v["ok"], true, "{v}");
     replace_with(&exe, &real);
     let (ok, line) = upgrade(&control, &[]);
     assert!(ok, "{line}");
     let next = new_pid(&line);
     pids.lock().unwrap().push(next);
+    let status = control_line(&control, "status");
+    assert_eq!(status["pid"], next, "{status}");
+    assert_eq!(
+        status["drained_agents"],
+        serde_json::json!(["10.9.9.9:8443"]),
+        "{status}"
+    );
     open.write_all(b"moved over").await.unwrap();
     open.read_exact(&mut back).await.unwrap();
     assert_eq!(&back, b"moved over");
