@@ -18,11 +18,11 @@ use tokio::time::Instant;
 use tracing::field::Empty;
 use tracing::Instrument;
 
+use crate::choice;
 use crate::context::{self, Kind, ListenerConfig, ListenerCtx, Record, Refusal, SendProxy};
 use crate::forward::{self, End};
 use crate::proxy_protocol::{self as pp, Command, Header};
-use crate::resolver::{ResolveError, Transport};
-use crate::route::{RouteKind, Target};
+use crate::resolver::Transport;
 use crate::session::{Handoff, Info as SessionInfo, Open, Transport as SessionTransport};
 use crate::sniff::{self, SniffError};
 use crate::terminate::{self, Tls};
@@ -83,17 +83,18 @@ pub fn adopt(ctx: Arc<ListenerCtx>, a: Adopted, guard: crate::shutdown::Guard) {
             let started = now.checked_sub(a.age).unwrap_or(now);
             let id = a.info.id;
             let counters = Arc::new(forward::Counters::default());
-            counters.to_agent.store(a.bytes.0, std::sync::atomic::Ordering::Relaxed);
-            counters.to_client.store(a.bytes.1, std::sync::atomic::Ordering::Relaxed);
+            counters
+                .to_agent
+                .store(a.bytes.0, std::sync::atomic::Ordering::Relaxed);
+            counters
+                .to_client
+                .store(a.bytes.1, std::sync::atomic::Ordering::Relaxed);
             let rec = Record {
-                hello: Some(sniff::ClientHello {
-                    sni: a.info.sni.clone(),
-                    alpn: a.info.alpn.clone(),
-                    ech: false,
-                }),
+                sni: a.info.sni.clone(),
+                alpn: a.info.alpn.clone(),
                 route: Some(a.info.route.clone()),
                 agent: Some(a.info.agent.clone()),
-                counters: Some(Arc::clone(&counters)),
+                bytes: Some(crate::counters::Bytes::Stream(Arc::clone(&counters))),
                 dynamic: a.info.dynamic,
                 ..Record::default()
             };
@@ -146,7 +147,7 @@ pub fn adopt(ctx: Arc<ListenerCtx>, a: Adopted, guard: crate::shutdown::Guard) {
                 _agent_slot: agent_slot,
                 _client_slot: client_slot,
             };
-            tracing::debug!(target: context::ACCESS_LOG, event = "adopted", "connection taken over from the previous process");
+            crate::access::adopted(false);
             let end = forward_until_end(&ctx, ready, started).await;
             finish(&ctx, &rec, id, started, Ok(end));
             drop(permit);
@@ -170,57 +171,19 @@ pub(crate) fn finish(
     let (outcome, reason) = match end {
         Ok(End::HandedOver) => {
             ctx.metrics.handed_over(id, name);
-            tracing::debug!(
-                target: context::ACCESS_LOG,
-                event = "handed_over",
-                "connection handed over to the new process"
-            );
+            crate::access::handed_over(false);
             return;
         }
         Ok(end) => (end.kind(), end.to_string()),
         Err(refusal) => (refusal.kind, refusal.why),
     };
     let route = rec.route.as_deref().unwrap_or("-");
-    let agent = rec.agent.as_deref().unwrap_or("-");
     ctx.metrics
         .closed(id, name, route, rec.metrics_agent(), outcome);
     if let Some(code) = rec.status {
         ctx.metrics.http_status(name, code);
     }
-    let (to_agent, to_client) = rec.counters.as_ref().map_or((0, 0), |c| {
-        use std::sync::atomic::Ordering::Relaxed;
-        (c.to_agent.load(Relaxed), c.to_client.load(Relaxed))
-    });
-    let duration_ms = started.elapsed().as_millis() as u64;
-    let path = rec.path.as_deref().unwrap_or("-");
-    let status = rec.status.map_or_else(|| "-".to_owned(), |s| s.to_string());
-    macro_rules! closed {
-        ($level:ident) => {
-            tracing::$level!(
-                target: context::ACCESS_LOG,
-                event = "closed",
-                sni = rec.sni(),
-                alpn = %rec.alpn(),
-                route,
-                agent,
-                path,
-                status = %status,
-                bytes_to_agent = to_agent,
-                bytes_to_client = to_client,
-                duration_ms,
-                outcome = outcome.as_str(),
-                reason = %reason,
-                "connection closed"
-            )
-        };
-    }
-    // Health probes arrive every few seconds per load balancer node;
-    // like HAProxy's `dontlognull` they stay out of the access log.
-    if rec.probe {
-        closed!(debug);
-    } else {
-        closed!(info);
-    }
+    crate::access::closed(rec, started.elapsed(), outcome, &reason);
 }
 
 /// A passthrough connection ready to forward: both legs, and what must
@@ -488,7 +451,8 @@ async fn prepare(
     let hello_wait = started.elapsed();
     let hello_outcome = if hello.sni.is_some() { "ok" } else { "no_sni" };
     ctx.metrics.hello(name, hello_outcome, Some(hello_wait));
-    rec.hello = Some(hello);
+    rec.sni = hello.sni;
+    rec.alpn = hello.alpn;
     let out_header = outgoing_header(cfg, header.as_ref(), real_client, &client);
     if let Some(tls) = tls {
         // A LOCAL connection on a listener with `allowed_vpce` is the load
@@ -516,49 +480,33 @@ async fn prepare(
     }
 
     let routing = ctx.routes.current();
-    let sni = rec.hello.as_ref().and_then(|h| h.sni.as_deref());
+    let sni = rec.sni.as_deref();
     let decision = routing
         .table
         .resolve_from(sni, vpce.as_deref())
         .map_err(|e| refuse(&client, Refusal::new(e.kind(), format!("route: {e}"))))?;
     rec.route = Some(decision.route.to_string());
     rec.agent = Some(decision.target.to_string());
-    rec.dynamic = matches!(
-        decision.route,
-        RouteKind::AgentInName(_) | RouteKind::SessionInName(_)
-    );
-    let pool = match &decision.target {
-        Target::Pool(name) => Some(name.clone()),
-        _ => None,
+    rec.dynamic = decision.client_named();
+    // The ClientHello waits for a session lookup within its deadline.
+    let ask = choice::Ask {
+        routing: &routing,
+        drained: &ctx.routes.drained,
+        target: decision.target,
+        client: real_client.ip(),
+        transport: Transport::Http,
+        deadline: started + cfg.hello_timeout,
     };
-    let target = match decision.target {
-        // The ClientHello waits for the resolver, within its deadline.
-        Target::Session(id) => {
-            let limit = cfg.hello_timeout;
-            let left = limit.saturating_sub(started.elapsed());
-            let asked = routing.resolve_session(&id, Transport::Http, Some(real_client.ip()));
-            let found = tokio::time::timeout(left, asked).await.unwrap_or_else(|_| {
-                Err(ResolveError::Unavailable(format!(
-                    "no answer within the hello deadline ({limit:?} from accept)"
-                )))
-            });
-            found
-                .map_err(|e| refuse(&client, Refusal::new(e.kind(), e.to_string())))?
-                .target
-        }
-        t => t,
+    let dial = choice::Tcp {
+        timeout: cfg.connect_timeout,
+        keepalive: cfg.keepalive,
     };
-    let dialled = upstream::dial(
-        &routing.pools,
-        &target,
-        real_client.ip(),
-        (cfg.connect_timeout, cfg.keepalive),
-        &ctx.routes.drained,
-    )
-    .await
-    .map_err(|e| refuse(&client, Refusal::new(e.kind(), e.to_string())))?;
+    let dialled = choice::choose(ask, &dial)
+        .await
+        .map_err(|e| refuse(&client, Refusal::new(e.kind(), e.to_string())))?;
     drop(routing);
-    let mut agent = dialled.stream;
+    let pool = dialled.pool.clone();
+    let mut agent = dialled.conn;
     rec.agent = Some(dialled.agent);
     let connect_time = started.elapsed() - hello_wait;
 

@@ -24,7 +24,6 @@ use crate::proxy_protocol::Mode as ProxyMode;
 use crate::routing::SharedRoutes;
 use crate::session::{self, Open, Sessions, Transport};
 use crate::shutdown::Drain;
-use crate::sniff::ClientHello;
 use crate::upstream::tls::UpstreamTls;
 
 /// Default `log_progress_interval`.
@@ -182,57 +181,6 @@ impl fmt::Display for CertFiles {
     }
 }
 
-/// What the access log says about a connection, filled in step by step.
-#[derive(Default)]
-pub struct Record {
-    /// The ClientHello, once complete.
-    pub hello: Option<ClientHello>,
-    /// The rule that chose the agent.
-    pub route: Option<String>,
-    /// The agent (for pools, the one chosen).
-    pub agent: Option<String>,
-    /// Bytes moved, once forwarding starts.
-    pub counters: Option<Arc<Counters>>,
-    /// A LOCAL header followed by a close: a load-balancer health probe.
-    pub probe: bool,
-    /// Terminate mode: the request path (without the query string, which
-    /// may carry DCV auth tokens).
-    pub path: Option<String>,
-    /// Terminate mode: the response status (the agent's, or splicegate's
-    /// own for errors, health and redirects).
-    pub status: Option<u16>,
-    /// The agent came from the client's name or path (agent-in-name,
-    /// agent-in-path): metrics label it `dynamic`, so a client cannot make
-    /// one time series per address an `allow` network holds.
-    pub dynamic: bool,
-}
-
-impl Record {
-    /// The `agent` label for `/metrics`.
-    pub fn metrics_agent(&self) -> &str {
-        if self.dynamic {
-            "dynamic"
-        } else {
-            self.agent.as_deref().unwrap_or("-")
-        }
-    }
-
-    /// The SNI for logs (`-` without one).
-    pub fn sni(&self) -> &str {
-        self.hello
-            .as_ref()
-            .and_then(|h| h.sni.as_deref())
-            .unwrap_or("-")
-    }
-
-    /// The ALPN list for logs (`-` without one).
-    pub fn alpn(&self) -> String {
-        self.hello
-            .as_ref()
-            .map_or_else(|| "-".to_owned(), ClientHello::alpn_display)
-    }
-}
-
 /// A connection that forwards: its byte counters and its entry among the
 /// open sessions (removed when this is dropped).
 pub struct Registered {
@@ -282,7 +230,7 @@ pub fn register(ctx: &ListenerCtx, rec: &mut Record, r: Registration<'_>) -> Reg
     );
     ctx.metrics
         .forwarding(r.id, key, r.connect, Arc::clone(&counters));
-    rec.counters = Some(Arc::clone(&counters));
+    rec.bytes = Some(session::Bytes::Stream(Arc::clone(&counters)));
     let info = session::Info {
         id: r.id,
         transport: r.transport,
@@ -290,12 +238,8 @@ pub fn register(ctx: &ListenerCtx, rec: &mut Record, r: Registration<'_>) -> Reg
         peer: r.parties.peer,
         client: r.parties.client,
         vpce: r.parties.vpce.clone(),
-        sni: rec.hello.as_ref().and_then(|h| h.sni.clone()),
-        alpn: rec
-            .hello
-            .as_ref()
-            .map(|h| h.alpn.clone())
-            .unwrap_or_default(),
+        sni: rec.sni.clone(),
+        alpn: rec.alpn.clone(),
         route: rec.route.clone().unwrap_or_else(|| "-".to_owned()),
         agent: rec.agent.clone().unwrap_or_else(|| "-".to_owned()),
         pool: r.pool,
@@ -314,61 +258,4 @@ pub fn register(ctx: &ListenerCtx, rec: &mut Record, r: Registration<'_>) -> Reg
     Registered { counters, open }
 }
 
-pub use crate::logging::ACCESS_LOG;
-
-/// What a connection waited for before it was routed.
-pub enum Waited<'a> {
-    /// Passthrough: the ClientHello, from accept.
-    Hello(Duration),
-    /// Terminate mode: the request head, from accept.
-    Request {
-        /// `GET`, `POST`, ...
-        method: &'a str,
-        /// A WebSocket handshake.
-        websocket: bool,
-        /// Time from accept.
-        took: Duration,
-    },
-}
-
-/// The access log's `routed` event: once an agent is connected.
-pub fn routed(rec: &Record, attempt: usize, connect: Duration, waited: Waited<'_>) {
-    let (sni, route, agent) = (
-        rec.sni(),
-        rec.route.as_deref().unwrap_or("-"),
-        rec.agent.as_deref().unwrap_or("-"),
-    );
-    let connect_us = connect.as_micros() as u64;
-    match waited {
-        Waited::Hello(d) => tracing::info!(
-            target: ACCESS_LOG,
-            event = "routed",
-            sni,
-            alpn = %rec.alpn(),
-            route,
-            agent,
-            attempt,
-            hello_us = d.as_micros() as u64,
-            connect_us,
-            "connection routed"
-        ),
-        Waited::Request {
-            method,
-            websocket,
-            took,
-        } => tracing::info!(
-            target: ACCESS_LOG,
-            event = "routed",
-            sni,
-            method,
-            path = rec.path.as_deref().unwrap_or("-"),
-            websocket,
-            route,
-            agent,
-            attempt,
-            request_us = took.as_micros() as u64,
-            connect_us,
-            "request routed"
-        ),
-    }
-}
+pub use crate::access::{routed, Record, Waited, ACCESS_LOG};

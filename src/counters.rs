@@ -4,6 +4,7 @@
 //! nothing of the crate, so every step can count and the metrics can read.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Bytes moved by one connection, updated by the pumps with relaxed atomic
 /// adds and read by the access log, the idle watchdog and `/metrics`.
@@ -40,5 +41,30 @@ impl DatagramCounters {
             self.to_client_packets.load(Ordering::Relaxed),
             self.to_client_bytes.load(Ordering::Relaxed),
         ]
+    }
+}
+
+/// A session's byte counters, updated by its forwarding loop.
+#[derive(Debug, Clone)]
+pub enum Bytes {
+    /// A TCP connection's.
+    Stream(Arc<Counters>),
+    /// A QUIC flow's.
+    Datagrams(Arc<DatagramCounters>),
+}
+
+impl Bytes {
+    /// (to the agent, to the client) so far.
+    pub fn totals(&self) -> (u64, u64) {
+        match self {
+            Bytes::Stream(c) => (
+                c.to_agent.load(Ordering::Relaxed),
+                c.to_client.load(Ordering::Relaxed),
+            ),
+            Bytes::Datagrams(c) => {
+                let [_, to_agent, _, to_client] = c.snapshot();
+                (to_agent, to_client)
+            }
+        }
     }
 }

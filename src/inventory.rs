@@ -168,10 +168,19 @@ impl Inventory {
         Ok((sock.into(), origin))
     }
 
-    /// A UDP socket for `addr`: the inherited one, or a new one (address
-    /// reuse, v6-only for IPv6, 4 MiB buffers as far as
-    /// `net.core.rmem_max`/`wmem_max` allow).
-    pub fn udp(&self, addr: SocketAddr) -> io::Result<(std::net::UdpSocket, Origin)> {
+    /// A UDP socket for the configured address `addr`, bound at `at`
+    /// (`addr` itself, or the port the first of its sockets got when `addr`
+    /// names port 0): the inherited one, or a new one (address reuse,
+    /// SO_REUSEPORT for a listener of several sockets, v6-only for IPv6,
+    /// `buffer`-byte buffers as far as `net.core.rmem_max`/`wmem_max`
+    /// allow).
+    pub fn udp(
+        &self,
+        addr: SocketAddr,
+        at: SocketAddr,
+        reuse_port: bool,
+        buffer: usize,
+    ) -> io::Result<(std::net::UdpSocket, Origin)> {
         let (key, fd) = self.claim(Kind::Udp, addr.to_string());
         let (sock, origin) = match fd {
             Some(fd) => {
@@ -181,16 +190,20 @@ impl Inventory {
                 (s, Origin::Inherited)
             }
             None => {
-                let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+                let s = Socket::new(Domain::for_address(at), Type::DGRAM, Some(Protocol::UDP))?;
                 s.set_reuse_address(true)?;
-                if addr.is_ipv6() {
+                if reuse_port {
+                    s.set_reuse_port(true)?;
+                }
+                if at.is_ipv6() {
                     s.set_only_v6(true)?;
                 }
-                let _ = s.set_recv_buffer_size(4 << 20);
-                let _ = s.set_send_buffer_size(4 << 20);
+                let _ = s.set_recv_buffer_size(buffer);
+                let _ = s.set_send_buffer_size(buffer);
+                clamped_once(&s, buffer);
                 s.set_nonblocking(true)?;
                 s.set_cloexec(true)?;
-                s.bind(&addr.into())?;
+                s.bind(&at.into())?;
                 (s, Origin::Bound)
             }
         };
@@ -318,6 +331,27 @@ fn bind_control(path: &Path) -> io::Result<UnixListener> {
     Ok(l)
 }
 
+/// Say once per process when the kernel gave a UDP socket smaller buffers
+/// than asked (Linux reports twice what it grants; a bounded
+/// `net.core.rmem_max` / `wmem_max` keeps them at its value).
+fn clamped_once(s: &Socket, asked: usize) {
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let got = (
+        s.recv_buffer_size().unwrap_or(0),
+        s.send_buffer_size().unwrap_or(0),
+    );
+    if (got.0 >= asked && got.1 >= asked) || SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
+    tracing::warn!(
+        event = "udp_buffers_clamped",
+        asked,
+        receive = got.0 / 2,
+        send = got.1 / 2,
+        "UDP socket buffers are smaller than asked: raise net.core.rmem_max and net.core.wmem_max (see docs/quic.md) or bursts of QUIC datagrams may be dropped"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,7 +362,7 @@ mod tests {
         let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let (t1, o1) = a.tcp(Kind::Tcp, addr, 16, false).unwrap();
         let (t2, _) = a.tcp(Kind::Tcp, addr, 16, false).unwrap();
-        let (u, _) = a.udp(addr).unwrap();
+        let (u, _) = a.udp(addr, addr, false, 1 << 16).unwrap();
         assert_eq!(o1, Origin::Bound);
         let sent: Vec<(Key, OwnedFd)> = a.with_held(|h| {
             h.iter()
@@ -342,7 +376,7 @@ mod tests {
         assert_eq!(n1.local_addr().unwrap(), t1.local_addr().unwrap());
         let (n2, _) = b.tcp(Kind::Tcp, addr, 64, false).unwrap();
         assert_eq!(n2.local_addr().unwrap(), t2.local_addr().unwrap());
-        let (nu, o) = b.udp(addr).unwrap();
+        let (nu, o) = b.udp(addr, addr, false, 1 << 16).unwrap();
         assert_eq!(o, Origin::Inherited);
         assert_eq!(nu.local_addr().unwrap(), u.local_addr().unwrap());
         assert_eq!(b.close_unclaimed(), 0);

@@ -3,11 +3,12 @@
 //!
 //! A connection's way through the crate follows the data:
 //! [`listener`] (accept) → [`proxy_protocol`] (PROXY header from the NLB) →
-//! [`sniff`] (ClientHello, SNI) → [`route`] (pure name → agent) →
-//! [`resolver`] (a DCV session id → its agent, asked of the Session
-//! Resolver API, when the route names a session) →
-//! [`upstream`] (one dial path: an agent, or a pool's choice) →
-//! [`forward`] (engines that move bytes) → the access log and [`metrics`].
+//! [`sniff`] (ClientHello, SNI) — or [`quic`] (the ClientHello in a QUIC
+//! Initial) for the UDP relay, [`udp`] — → [`route`] (pure name → target)
+//! → [`choice`] (one step to a connected agent for every transport: a
+//! session through [`resolver`], a pool's agent and its slot from
+//! [`upstream`], drain, the allowlist) → [`forward`] (engines that move
+//! bytes) or the UDP relay → the access log ([`access`]) and [`metrics`].
 //! [`conn`] takes a passthrough connection through those steps; on
 //! terminate listeners it hands over to [`terminate`] after the ClientHello:
 //! TLS at the proxy, the agent from the HTTP request path
@@ -29,7 +30,9 @@
 #![cfg_attr(feature = "uring", deny(unsafe_code))]
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod admin;
+pub mod choice;
 pub mod cidr;
 pub mod config;
 pub mod conn;

@@ -289,6 +289,11 @@ fn check(path: &std::path::Path) -> Result<(), String> {
             );
         }
     }
+    for u in &config.udp_listeners {
+        for w in splicegate::udp::warnings(u) {
+            say!("warning: udp_listener {}: {w}", u.name);
+        }
+    }
     say!("{}: OK", path.display());
     Ok(())
 }

@@ -80,6 +80,13 @@ pub enum Kind {
     PoolUnavailable,
     /// Every agent the pool tried failed.
     PoolFailed,
+    /// No local socket for the agent: the ephemeral ports toward it are
+    /// used up, or the process is at its descriptor limit.
+    NoLocalPort,
+    /// QUIC: the flow's hello was not complete when the pending-flow
+    /// budget (`max_pending`, `pending_bytes_max`) was full; the oldest
+    /// pending flow makes room.
+    PendingLimit,
     /// Terminate mode: the TLS handshake with the client failed.
     TlsHandshake,
     /// Terminate mode: TLS, then a close without a request.
@@ -119,7 +126,7 @@ pub enum Alert {
 
 impl Kind {
     /// Every kind, for documentation checks.
-    pub const ALL: [Kind; 44] = [
+    pub const ALL: [Kind; 46] = [
         Kind::Done,
         Kind::IdleTimeout,
         Kind::DrainDeadline,
@@ -153,6 +160,8 @@ impl Kind {
         Kind::AgentDraining,
         Kind::PoolUnavailable,
         Kind::PoolFailed,
+        Kind::NoLocalPort,
+        Kind::PendingLimit,
         Kind::TlsHandshake,
         Kind::NoRequest,
         Kind::HeadTooLarge,
@@ -202,6 +211,8 @@ impl Kind {
             Kind::AgentDraining => "agent_draining",
             Kind::PoolUnavailable => "pool_unavailable",
             Kind::PoolFailed => "pool_failed",
+            Kind::NoLocalPort => "no_local_port",
+            Kind::PendingLimit => "pending_limit",
             Kind::TlsHandshake => "tls_handshake",
             Kind::NoRequest => "no_request",
             Kind::HeadTooLarge => "head_too_large",
@@ -231,6 +242,7 @@ impl Kind {
             | Kind::AgentDraining
             | Kind::PoolUnavailable
             | Kind::PoolFailed
+            | Kind::NoLocalPort
             | Kind::IoError => Some(Alert::InternalError),
             _ => None,
         }
@@ -246,7 +258,7 @@ impl Kind {
             Kind::HeadTimeout => 408,
             Kind::TooManyHeaders => 431,
             Kind::AgentTimeout => 504,
-            Kind::ResolverUnavailable | Kind::AgentDraining => 503,
+            Kind::ResolverUnavailable | Kind::AgentDraining | Kind::NoLocalPort => 503,
             Kind::AgentRefused
             | Kind::AgentResolve
             | Kind::AgentUnreachable

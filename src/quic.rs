@@ -451,13 +451,39 @@ impl CryptoStream {
     }
 }
 
+/// A flow's QUIC version and first Destination Connection ID: what its
+/// Initial and 0-RTT packets carry until the agent's first answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowTag {
+    version: u32,
+    dcid: [u8; MAX_CID],
+    len: u8,
+}
+
+impl FlowTag {
+    /// Whether `datagram` belongs to this flow's handshake: its first
+    /// packet is a long-header packet (Initial or 0-RTT) of the flow's
+    /// version for the flow's connection ID. The relay holds no other
+    /// datagram for a flow whose hello is not complete.
+    pub fn belongs(&self, datagram: &[u8]) -> bool {
+        parse_long_header(datagram).is_ok_and(|h| {
+            h.version == self.version && h.dcid == &self.dcid[..usize::from(self.len)]
+        })
+    }
+}
+
 /// Follows one new flow's Initial packets until its ClientHello is complete.
 pub struct InitialSniffer {
     dcid: Vec<u8>,
     keys: InitialKeys,
     stream: CryptoStream,
     largest: Option<u64>,
-    scratch: Vec<u8>,
+}
+
+thread_local! {
+    /// A decrypted copy of one packet: one buffer per thread, not one per
+    /// pending flow.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl std::fmt::Debug for InitialSniffer {
@@ -471,17 +497,34 @@ impl std::fmt::Debug for InitialSniffer {
 }
 
 impl InitialSniffer {
-    /// Start from the first datagram of a flow: it must be a client Initial
-    /// of a supported version, padded to 1200 bytes, with a connection ID of
-    /// at least 8 bytes. Feed it (and later ones) to [`InitialSniffer::feed`].
+    /// Start from the first datagram of a flow: it must carry a client
+    /// Initial of a supported version — first or after other long-header
+    /// packets it coalesces (RFC 9000 §12.2 fixes no order) —, be padded
+    /// to 1200 bytes, with a connection ID of at least 8 bytes. Feed it
+    /// (and later ones) to [`InitialSniffer::feed`].
     pub fn start(datagram: &[u8], cap: usize) -> Result<InitialSniffer, InitialError> {
-        let h = parse_long_header(datagram)?;
-        if !h.initial {
-            return Err(InitialError::NotInitial(packet_type_name(
-                h.version,
-                (datagram[0] >> 4) & 0x03,
-            )));
-        }
+        let mut rest = datagram;
+        let mut first_other = None;
+        let h = loop {
+            let h = match parse_long_header(rest) {
+                Ok(h) => h,
+                // Nothing after the packets already seen is an Initial.
+                Err(e) => match first_other {
+                    Some(kind) if rest.len() < datagram.len() => {
+                        return Err(InitialError::NotInitial(kind))
+                    }
+                    _ => return Err(e),
+                },
+            };
+            if h.initial {
+                break h;
+            }
+            first_other.get_or_insert(packet_type_name(h.version, (rest[0] >> 4) & 0x03));
+            rest = &rest[h.len..];
+            if rest.is_empty() || rest[0] & 0x80 == 0 {
+                return Err(InitialError::NotInitial(first_other.unwrap_or("0-RTT")));
+            }
+        };
         if datagram.len() < MIN_INITIAL_DATAGRAM {
             return Err(InitialError::TooShort(datagram.len()));
         }
@@ -496,8 +539,26 @@ impl InitialSniffer {
             dcid: h.dcid.to_vec(),
             stream: CryptoStream::new(cap),
             largest: None,
-            scratch: Vec::new(),
         })
+    }
+
+    /// What tells this flow's handshake datagrams from others.
+    pub fn tag(&self) -> FlowTag {
+        let mut dcid = [0u8; MAX_CID];
+        dcid[..self.dcid.len()].copy_from_slice(&self.dcid);
+        FlowTag {
+            version: self.keys.version(),
+            dcid,
+            len: self.dcid.len() as u8,
+        }
+    }
+
+    /// Heap bytes this sniffer holds (its reassembly buffer included), for
+    /// the relay's accounting of pending flows.
+    pub fn heap_bytes(&self) -> usize {
+        self.dcid.capacity()
+            + self.stream.data.capacity()
+            + self.stream.ranges.capacity() * std::mem::size_of::<(usize, usize)>()
     }
 
     /// The QUIC version of the flow.
@@ -523,23 +584,31 @@ impl InitialSniffer {
             };
             let len = h.len;
             if h.initial && h.version == self.keys.version() && h.dcid == self.dcid.as_slice() {
-                self.scratch.clear();
-                self.scratch.extend_from_slice(&rest[..len]);
-                let (pn, payload) =
-                    match self.keys.open(&mut self.scratch, h.pn_offset, self.largest) {
-                        Ok(opened) => opened,
-                        // A damaged packet after the flow's first: the client
-                        // retransmits, as it would to a server that dropped it.
-                        Err(InitialError::DecryptFailed) if self.largest.is_some() => {
-                            rest = &rest[len..];
-                            continue;
-                        }
-                        Err(e) => return Err(e),
+                let packet = &rest[..len];
+                let read = SCRATCH.with(|cell| {
+                    let mut own = Vec::new();
+                    let mut borrowed = cell.try_borrow_mut();
+                    let scratch = match &mut borrowed {
+                        Ok(b) => &mut **b,
+                        Err(_) => &mut own,
                     };
-                self.largest = Some(self.largest.map_or(pn, |l| l.max(pn)));
-                let stream = &mut self.stream;
-                crypto_frames(payload, |offset, data| stream.insert(offset, data))?;
-                opened = true;
+                    scratch.clear();
+                    scratch.extend_from_slice(packet);
+                    let (pn, payload) = self.keys.open(scratch, h.pn_offset, self.largest)?;
+                    let stream = &mut self.stream;
+                    crypto_frames(payload, |offset, data| stream.insert(offset, data))?;
+                    Ok(pn)
+                });
+                match read {
+                    Ok(pn) => {
+                        self.largest = Some(self.largest.map_or(pn, |l| l.max(pn)));
+                        opened = true;
+                    }
+                    // A damaged packet after the flow's first: the client
+                    // retransmits, as it would to a server that dropped it.
+                    Err(InitialError::DecryptFailed) if self.largest.is_some() => {}
+                    Err(e) => return Err(e),
+                }
             }
             rest = &rest[len..];
         }

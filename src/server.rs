@@ -114,7 +114,7 @@ fn admission(config: &mut Config) -> Caps {
     let flows: u64 = config
         .udp_listeners
         .iter()
-        .map(|u| (u.max_flows * u.bind.len()) as u64)
+        .map(|u| u.max_flows as u64)
         .sum();
     if flows > 0 {
         let room = (budget.limit / 4).max(1);
@@ -135,7 +135,7 @@ fn admission(config: &mut Config) -> Caps {
         let kept: u64 = config
             .udp_listeners
             .iter()
-            .map(|u| (u.max_flows * u.bind.len()) as u64)
+            .map(|u| u.max_flows as u64)
             .sum();
         budget = FdBudget::split(
             budget.limit,
@@ -295,19 +295,31 @@ impl Server {
         }
         let mut udp_bound = Vec::new();
         for u in &config.udp_listeners {
+            let workers = u.workers.max(1);
             for &addr in &u.bind {
-                let (sock, origin) = inventory.udp(addr).map_err(|source| StartError::Bind {
-                    listener: u.name.clone(),
-                    addr,
-                    source,
-                })?;
-                count(origin);
-                let key = InvKey {
-                    kind: InvKind::Udp,
-                    addr: addr.to_string(),
-                    index: udp_bound.iter().filter(|(_, a, _, _)| *a == addr).count() as u32,
-                };
-                udp_bound.push((u.name.clone(), addr, sock, (key, origin)));
+                // Port 0: the first socket's port for the others.
+                let mut at = addr;
+                for w in 0..workers {
+                    let (sock, origin) = inventory
+                        .udp(addr, at, workers > 1, crate::udp::SOCKET_BUFFER)
+                        .map_err(|source| StartError::Bind {
+                            listener: u.name.clone(),
+                            addr,
+                            source,
+                        })?;
+                    if w == 0 {
+                        if let Ok(a) = sock.local_addr() {
+                            at = a;
+                        }
+                    }
+                    count(origin);
+                    let key = InvKey {
+                        kind: InvKind::Udp,
+                        addr: addr.to_string(),
+                        index: udp_bound.iter().filter(|(_, a, _, _)| *a == addr).count() as u32,
+                    };
+                    udp_bound.push((u.name.clone(), addr, sock, (key, origin)));
+                }
             }
         }
         let control_path = config.control.path();
@@ -391,6 +403,7 @@ impl Server {
         }
         let mut relays = Vec::new();
         let mut adopting = HashMap::new();
+        let mut udp_limits: HashMap<String, (Arc<crate::udp::FlowLimits>, usize)> = HashMap::new();
         for (name, addr, sock, (key, origin)) in udp_bound {
             let Some(u) = config.udp_listeners.iter().find(|u| u.name == name) else {
                 continue;
@@ -403,7 +416,14 @@ impl Server {
             let local_addr = sock.local_addr().map_err(bind_err)?;
             tracing::info!(event = "listening", listener = %name, addr = %local_addr, proto = "udp", idle_timeout = ?u.idle_timeout, max_flows = u.max_flows, "listening for QUIC");
             addrs.push((name.clone(), local_addr));
+            let (limits, socket) = {
+                let e = udp_limits.entry(name.clone()).or_default();
+                e.1 += 1;
+                (Arc::clone(&e.0), e.1 - 1)
+            };
             let ctx = Arc::new(crate::udp::UdpCtx {
+                limits,
+                socket,
                 config: u.clone(),
                 routes: Arc::clone(&routes),
                 drain: drain.clone(),

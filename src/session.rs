@@ -17,7 +17,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::counters::{Counters, DatagramCounters};
 use crate::forward::Paused;
 use crate::shutdown::{Halt, Stop};
 
@@ -106,30 +105,7 @@ impl Info {
     }
 }
 
-/// A session's byte counters, updated by its forwarding loop.
-#[derive(Debug, Clone)]
-pub enum Bytes {
-    /// A TCP connection's.
-    Stream(Arc<Counters>),
-    /// A QUIC flow's.
-    Datagrams(Arc<DatagramCounters>),
-}
-
-impl Bytes {
-    /// (to the agent, to the client) so far.
-    pub fn totals(&self) -> (u64, u64) {
-        match self {
-            Bytes::Stream(c) => (
-                c.to_agent.load(Ordering::Relaxed),
-                c.to_client.load(Ordering::Relaxed),
-            ),
-            Bytes::Datagrams(c) => {
-                let [_, to_agent, _, to_client] = c.snapshot();
-                (to_agent, to_client)
-            }
-        }
-    }
-}
+pub use crate::counters::Bytes;
 
 /// One open session.
 #[derive(Debug)]
@@ -430,6 +406,7 @@ impl Sessions {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::counters::Counters;
 
     fn info(id: u64) -> Info {
         Info {

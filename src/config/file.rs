@@ -205,6 +205,11 @@ pub(super) struct UdpListenerSection {
     pub(super) idle_timeout: Option<Spanned<Dur>>,
     pub(super) max_flows: Option<Spanned<usize>>,
     pub(super) max_flows_per_client: Option<Spanned<usize>>,
+    #[serde(default)]
+    pub(super) lb_networks: Vec<Parsed<Cidr>>,
+    pub(super) max_pending: Option<Spanned<usize>>,
+    pub(super) pending_bytes_max: Option<Spanned<usize>>,
+    pub(super) udp_workers: Option<Spanned<usize>>,
     pub(super) agent_port: Option<Spanned<u16>>,
     pub(super) low_latency: Option<Spanned<String>>,
     pub(super) spin_us: Option<Spanned<u64>>,

@@ -12,6 +12,8 @@
 
 mod cli;
 mod file;
+mod listeners;
+mod spans;
 mod summary;
 #[cfg(test)]
 mod tests;

@@ -233,3 +233,90 @@ fn aioquic_initials_name_their_agent() {
     assert_eq!(hello.sni.as_deref(), Some("agent1.dcv.example"));
     assert_eq!(hello.alpn.len(), 61);
 }
+
+/// RFC 9369 appendix A.2: the client's first Initial in QUIC version 2,
+/// 1200 bytes as the RFC prints them.
+#[test]
+fn rfc9369_v2_client_initial_names_example_com() {
+    let d = include_bytes!("../../tests/fixtures/quic/rfc9369-client-initial.bin").to_vec();
+    assert_eq!(d.len(), 1200);
+    let h = parse_long_header(&d).unwrap();
+    assert_eq!(h.version, VERSION_2);
+    assert!(h.initial, "v2 rotates the type bits: 0b01 is Initial");
+    assert_eq!(h.dcid, RFC_DCID);
+    let mut s = InitialSniffer::start(&d, 16384).unwrap();
+    let hello = s.feed(&d).unwrap().expect("complete in one packet");
+    assert_eq!(hello.sni.as_deref(), Some("example.com"));
+    assert_eq!(s.version(), VERSION_2);
+    assert_eq!(s.largest, Some(2), "the RFC's packet number");
+    // A flipped bit anywhere fails, as for v1.
+    let mut bad = d.clone();
+    bad[700] ^= 0x10;
+    let mut s = InitialSniffer::start(&bad, 16384).unwrap();
+    assert_eq!(s.feed(&bad), Err(InitialError::DecryptFailed));
+}
+
+/// A long-header packet of `kind` bits (v1 numbering) for `dcid`, with a
+/// payload of `len` opaque bytes: what the relay sees of 0-RTT and
+/// Handshake packets (it cannot open them).
+fn opaque_long_packet(type_bits: u8, dcid: &[u8], len: usize) -> Vec<u8> {
+    let mut p = vec![0xc0 | (type_bits << 4) | 0x03];
+    p.extend(VERSION_1.to_be_bytes());
+    p.push(dcid.len() as u8);
+    p.extend(dcid);
+    p.push(4);
+    p.extend([5, 6, 7, 8]);
+    let n = len as u16;
+    p.extend((0x4000 | n).to_be_bytes());
+    p.extend(std::iter::repeat_n(0xa5, len));
+    p
+}
+
+#[test]
+fn an_initial_is_found_in_any_position_of_a_coalesced_datagram() {
+    let dcid = [3u8; 8];
+    let initial =
+        quic_hello_datagrams(VERSION_1, &dcid, Some("coalesced.test"), &[], 0, 4000).remove(0);
+    let zero_rtt = opaque_long_packet(1, &dcid, 300);
+    let handshake = opaque_long_packet(2, &dcid, 200);
+    // Initial first, then 0-RTT and a Handshake packet.
+    let mut after: Vec<u8> = initial.clone();
+    after.extend(&zero_rtt);
+    after.extend(&handshake);
+    // 0-RTT before the Initial (RFC 9000 §12.2 fixes no order).
+    let mut before = zero_rtt.clone();
+    before.extend(&initial);
+    for (what, d) in [("initial first", &after), ("0-RTT first", &before)] {
+        let mut s = InitialSniffer::start(d, 16384).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let hello = s.feed(d).unwrap().unwrap_or_else(|| panic!("{what}"));
+        assert_eq!(hello.sni.as_deref(), Some("coalesced.test"), "{what}");
+        assert!(s.tag().belongs(d), "{what}");
+    }
+    // A datagram of 0-RTT alone (reordered ahead of its Initial) starts
+    // nothing, and says why.
+    let mut only = zero_rtt.clone();
+    only.resize(1200, 0);
+    assert_eq!(
+        InitialSniffer::start(&only, 16384).unwrap_err(),
+        InitialError::NotInitial("0-RTT")
+    );
+    // Another connection's packets do not belong to this flow.
+    let s = InitialSniffer::start(&after, 16384).unwrap();
+    assert!(!s.tag().belongs(&opaque_long_packet(1, &[4u8; 8], 100)));
+    assert!(!s.tag().belongs(&[0x40, 1, 2, 3]));
+}
+
+#[test]
+fn a_pending_sniffer_counts_what_it_holds() {
+    let dcid = [5u8; 8];
+    let ds = quic_hello_datagrams(VERSION_1, &dcid, Some("big.test"), &[], 2300, 1000);
+    let mut s = InitialSniffer::start(&ds[0], 16384).unwrap();
+    let empty = s.heap_bytes();
+    assert_eq!(s.feed(&ds[0]).unwrap(), None);
+    assert!(
+        s.heap_bytes() >= empty + 900,
+        "{} vs {empty}",
+        s.heap_bytes()
+    );
+    assert!(s.heap_bytes() < empty + 4096, "{}", s.heap_bytes());
+}

@@ -14,7 +14,17 @@
 //! Concurrent lookups of one key share one request (single flight), which
 //! runs in a task of its own so a client that goes away does not cancel it
 //! for the others. Requests to the resolver are bounded in number
-//! (`max_in_flight`) and time (`timeout`).
+//! (`max_in_flight`, held until the resolver answers or [`LATE_MAX`], not
+//! only until the waiters give up) and the wait for an answer in time
+//! (`timeout`).
+//!
+//! A QUIC lookup starts from an unauthenticated, spoofable datagram, so it
+//! never costs what the TCP half's does: it is answered from the cache
+//! entry the client's TCP half filled (same session, same client) when
+//! there is one, and otherwise asks on a small share of the requests of
+//! its own ([`quic_share`]), refused at once rather than queued when that
+//! share is busy. A flood of Initials naming random sessions can neither
+//! push the resolver past `max_in_flight` nor delay a TCP lookup.
 
 mod client;
 #[cfg(test)]
@@ -28,7 +38,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::cidr::Cidr;
@@ -83,6 +93,16 @@ impl ResolverConfig {
             ports: vec![8443],
         }
     }
+}
+
+/// How long a request the waiters gave up on may still hold its slot,
+/// waiting for the resolver's answer.
+pub const LATE_MAX: Duration = Duration::from_secs(30);
+
+/// The requests of `max_in_flight` QUIC lookups may use: an eighth
+/// (none below 8: QUIC lookups then come from the TCP half's answers only).
+pub fn quic_share(max_in_flight: usize) -> usize {
+    max_in_flight / 8
 }
 
 /// Which of a DCV session's transports a lookup is for.
@@ -183,7 +203,10 @@ pub struct Resolver {
     config: ResolverConfig,
     client: client::Client,
     cache: Arc<Cache>,
-    permits: Semaphore,
+    /// Requests for TCP (HTTP transport) lookups.
+    permits: Arc<Semaphore>,
+    /// Requests for QUIC lookups: [`quic_share`] of `max_in_flight`.
+    quic_permits: Arc<Semaphore>,
     metrics: Arc<Metrics>,
     health: AtomicU8,
 }
@@ -211,8 +234,10 @@ impl Resolver {
             Some(p) if same(&p.config) => Arc::clone(&p.cache),
             _ => Arc::default(),
         };
+        let quic = quic_share(config.max_in_flight);
         Ok(Resolver {
-            permits: Semaphore::new(config.max_in_flight),
+            permits: Arc::new(Semaphore::new(config.max_in_flight - quic)),
+            quic_permits: Arc::new(Semaphore::new(quic)),
             health: AtomicU8::new(previous.map_or(UNKNOWN, |p| p.health.load(Ordering::Relaxed))),
             config,
             client,
@@ -257,6 +282,20 @@ impl Resolver {
         let mut rx = {
             let mut slots = self.cache.lock();
             let now = Instant::now();
+            if transport == Transport::Quic {
+                // The client's TCP half placed the session already.
+                let tcp: Key = (session.to_owned(), Transport::Http, client);
+                match slots.get(&tcp) {
+                    Some(Slot::Ready {
+                        outcome: Ok(answer),
+                        expires,
+                    }) if *expires > now => {
+                        self.metrics.resolver_cache("hit_tcp");
+                        return Ok(answer.clone());
+                    }
+                    _ => {}
+                }
+            }
             match slots.get(&key) {
                 Some(Slot::Ready { outcome, expires }) if *expires > now => {
                     self.metrics.resolver_cache("hit");
@@ -269,10 +308,26 @@ impl Resolver {
                     rx.clone()
                 }
                 _ => {
+                    // A QUIC lookup takes a request of its share now or
+                    // not at all.
+                    let permit = match transport {
+                        Transport::Http => None,
+                        Transport::Quic => match Arc::clone(&self.quic_permits).try_acquire_owned()
+                        {
+                            Ok(p) => Some(p),
+                            Err(_) => {
+                                self.metrics.resolver_cache("quic_busy");
+                                return Err(ResolveError::Unavailable(format!(
+                                    "QUIC lookups at their share of {} requests in flight; not asked",
+                                    quic_share(self.config.max_in_flight)
+                                )));
+                            }
+                        },
+                    };
                     self.metrics.resolver_cache("miss");
                     let (tx, rx) = watch::channel(None);
                     slots.insert(key.clone(), Slot::Pending(rx.clone()));
-                    tokio::spawn(Arc::clone(self).fetch(key, tx));
+                    tokio::spawn(Arc::clone(self).fetch(key, tx, permit));
                     rx
                 }
             }
@@ -289,42 +344,89 @@ impl Resolver {
     }
 
     /// One request for `key`, its outcome cached and sent to every waiter.
-    async fn fetch(self: Arc<Self>, key: Key, tx: watch::Sender<Option<Outcome>>) {
+    /// The waiters give up after `timeout` (the wait for a request slot
+    /// included); the request itself, and the slot it holds, goes on
+    /// until the resolver answers (that late answer is cached) or
+    /// [`LATE_MAX`], so `max_in_flight` bounds what the resolver is
+    /// working on.
+    async fn fetch(
+        self: Arc<Self>,
+        key: Key,
+        tx: watch::Sender<Option<Outcome>>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) {
         let started = Instant::now();
         let limit = self.config.timeout;
-        let request = async {
-            let _permit = self.permits.acquire().await;
-            client::request(&self.client, &self.config, &key.0, key.1, key.2).await
+        let deadline = started + limit;
+        let unavailable = || {
+            Err(ResolveError::Unavailable(format!(
+                "no answer from {} within {limit:?}",
+                self.config.url
+            )))
         };
-        let outcome = tokio::time::timeout(limit, request)
-            .await
-            .unwrap_or_else(|_| {
-                Err(ResolveError::Unavailable(format!(
-                    "no answer from {} within {limit:?}",
-                    self.config.url
-                )))
-            })
-            .and_then(|wire| check_answer(&self.config, &key.0, key.1, wire));
+        let permit = match permit {
+            Some(p) => Some(p),
+            None => tokio::time::timeout_at(deadline, Arc::clone(&self.permits).acquire_owned())
+                .await
+                .ok()
+                .and_then(Result::ok),
+        };
+        let Some(permit) = permit else {
+            let outcome: Outcome = unavailable();
+            self.record(&outcome, started.elapsed());
+            self.settle(key, &outcome);
+            let _ = tx.send(Some(outcome));
+            return;
+        };
+        let session = key.0.clone();
+        let request = client::request(&self.client, &self.config, &session, key.1, key.2);
+        tokio::pin!(request);
+        let outcome = match tokio::time::timeout_at(deadline, &mut request).await {
+            Ok(wire) => wire.and_then(|w| check_answer(&self.config, &key.0, key.1, w)),
+            Err(_) => {
+                let outcome: Outcome = unavailable();
+                self.record(&outcome, started.elapsed());
+                self.settle(key.clone(), &outcome);
+                let _ = tx.send(Some(outcome));
+                // The resolver is still working on it: keep its slot.
+                let late = tokio::time::timeout_at(started + LATE_MAX, request).await;
+                if let Ok(wire) = late {
+                    let outcome = wire.and_then(|w| check_answer(&self.config, &key.0, key.1, w));
+                    if !matches!(outcome, Err(ResolveError::Unavailable(_))) {
+                        self.settle(key, &outcome);
+                    }
+                }
+                drop(permit);
+                return;
+            }
+        };
+        drop(permit);
         self.record(&outcome, started.elapsed());
-        let ttl = match &outcome {
+        self.settle(key, &outcome);
+        let _ = tx.send(Some(outcome));
+    }
+
+    /// Cache `outcome` for `key` for its time to live (none for an
+    /// unavailable resolver), replacing the pending request.
+    fn settle(&self, key: Key, outcome: &Outcome) {
+        let ttl = match outcome {
             Ok(_) => self.config.cache_ttl,
             Err(ResolveError::Unknown { .. }) => self.config.negative_ttl,
             Err(_) => Duration::ZERO,
         };
-        {
-            let mut slots = self.cache.lock();
+        let mut slots = self.cache.lock();
+        if matches!(slots.get(&key), Some(Slot::Pending(_))) || !ttl.is_zero() {
             slots.remove(&key);
-            if !ttl.is_zero() && self.room(&mut slots) {
-                slots.insert(
-                    key,
-                    Slot::Ready {
-                        outcome: outcome.clone(),
-                        expires: Instant::now() + ttl,
-                    },
-                );
-            }
         }
-        let _ = tx.send(Some(outcome));
+        if !ttl.is_zero() && self.room(&mut slots) {
+            slots.insert(
+                key,
+                Slot::Ready {
+                    outcome: outcome.clone(),
+                    expires: Instant::now() + ttl,
+                },
+            );
+        }
     }
 
     /// Whether one more answer may be cached, dropping expired ones when

@@ -180,6 +180,17 @@ pub struct Decision {
     pub target: Target,
 }
 
+impl Decision {
+    /// The agent comes from the client's own name (agent-in-name,
+    /// session-in-name): metrics label it `dynamic`.
+    pub fn client_named(&self) -> bool {
+        matches!(
+            self.route,
+            RouteKind::AgentInName(_) | RouteKind::SessionInName(_)
+        )
+    }
+}
+
 /// Why no agent was chosen.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {

@@ -28,6 +28,12 @@ use crate::route::Target;
 /// The route name of agents named in the path.
 pub const AGENT_IN_PATH: &str = "agent-in-path";
 
+/// The agent of a forwarded request comes from the client (named in its
+/// path, or a session it names): metrics label it `dynamic`.
+pub fn client_named(route: &str, target: &Target) -> bool {
+    route == AGENT_IN_PATH || matches!(target, Target::Session(_))
+}
+
 /// Where a terminate listener finds a DCV session id in a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionSource {

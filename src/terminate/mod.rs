@@ -7,10 +7,11 @@
 //! 2. read the request head, bounded in size and time, and parse it
 //!    ([`http`]);
 //! 3. route its path ([`crate::route::path`]): answer `/health`, a
-//!    redirect or an error page locally, or choose an agent (for a session
-//!    named in the request, the one [`crate::resolver`] answers);
-//! 4. dial it ([`crate::upstream::dial`], directly or through a pool), TLS
-//!    to the agent ([`crate::upstream::tls`]) unless `upstream_tls = "off"`;
+//!    redirect or an error page locally, or name a target;
+//! 4. choose and connect its agent ([`crate::choice::choose`]: a session
+//!    named in the request through [`crate::resolver`], a pool's agent by
+//!    policy), TLS to the agent ([`crate::upstream::tls`]) unless
+//!    `upstream_tls = "off"`;
 //! 5. send the rewritten head (`Connection: close`, or the WebSocket
 //!    upgrade) and any body bytes already read;
 //! 6. stream both ways ([`stream`]) until the agent's response ends, or,
@@ -36,16 +37,17 @@ use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
+use crate::choice::{self, ChoiceError};
 use crate::context::{self, Kind, ListenerCtx, Record, Refusal, TerminateConfig};
 use crate::forward::{self, Counters, End, PumpError, SendError, Side};
 use crate::resolver::Transport;
-use crate::route::path::{under_web_url_path, PathDecision, AGENT_IN_PATH};
+use crate::route::path::{client_named, under_web_url_path, PathDecision};
 use crate::route::Target;
 use crate::routing::Routing;
 use crate::session::Transport as SessionTransport;
 use crate::shutdown::Stop;
+use crate::upstream;
 use crate::upstream::tls::UpstreamTls;
-use crate::upstream::{self, DialError};
 use certs::CertStore;
 pub use io::reply_plain_http;
 use io::{read_request, read_response, write_and_close, Agent};
@@ -111,8 +113,13 @@ impl Fail {
     }
 }
 
-impl From<DialError> for Fail {
-    fn from(e: DialError) -> Fail {
+/// Longest wait for a session lookup: the resolver bounds its own
+/// requests by its `timeout`; this caps a wait on a request another
+/// connection started.
+const RESOLVE_WAIT: Duration = Duration::from_secs(10);
+
+impl From<ChoiceError> for Fail {
+    fn from(e: ChoiceError) -> Fail {
         let timed_out = e.timed_out();
         let mut fail = Fail::page(e.kind(), e.to_string());
         if timed_out {
@@ -254,28 +261,17 @@ impl Job<'_> {
                 path,
             } => (route, target, path),
         };
-        rec.dynamic = route == AGENT_IN_PATH || matches!(target, Target::Session(_));
+        rec.dynamic = client_named(&route, &target);
         rec.route = Some(route);
         rec.agent = Some(target.to_string());
-        let pool = match &target {
-            Target::Pool(name) => Some(name.clone()),
-            _ => None,
-        };
-        let (target, path) = match target {
-            Target::Session(id) => {
-                let client = Some(self.parties.client.ip());
-                let answer = routing
-                    .resolve_session(&id, Transport::Http, client)
-                    .await
-                    .map_err(|e| Fail::page(e.kind(), e.to_string()))?;
-                let path = under_web_url_path(&answer.web_url_path, &path);
-                (answer.target, path)
-            }
-            t => (t, path),
-        };
         let request_wait = self.started.elapsed();
-        let (mut agent, _slot, attempt) = self.connect(&routing, &target, out_header, rec).await?;
+        let (mut agent, chosen) = self.connect(&routing, target, out_header, rec).await?;
         drop(routing);
+        let path = match &chosen.web_url_path {
+            Some(web) => under_web_url_path(web, &path),
+            None => path,
+        };
+        let (pool, attempt, _slot) = (chosen.pool, chosen.attempt, chosen.slot);
         let connect_time = self.started.elapsed() - request_wait;
 
         // Only the request's own body goes to the agent: bytes after it (a
@@ -450,21 +446,26 @@ impl Job<'_> {
     async fn connect(
         &self,
         routing: &Routing,
-        target: &Target,
+        target: Target,
         out_header: Vec<u8>,
         rec: &mut Record,
-    ) -> Result<(Agent, Option<crate::upstream::pool::Slot>, usize), Fail> {
+    ) -> Result<(Agent, choice::Chosen<()>), Fail> {
         let cfg = &self.ctx.config;
-        let dialled = upstream::dial(
-            &routing.pools,
+        let ask = choice::Ask {
+            routing,
+            drained: &self.ctx.routes.drained,
             target,
-            self.parties.client.ip(),
-            (cfg.connect_timeout, cfg.keepalive),
-            &self.ctx.routes.drained,
-        )
-        .await?;
-        rec.agent = Some(dialled.agent);
-        let mut tcp = dialled.stream;
+            client: self.parties.client.ip(),
+            transport: Transport::Http,
+            deadline: Instant::now() + RESOLVE_WAIT,
+        };
+        let dial = choice::Tcp {
+            timeout: cfg.connect_timeout,
+            keepalive: cfg.keepalive,
+        };
+        let dialled = choice::choose(ask, &dial).await?;
+        rec.agent = Some(dialled.agent.clone());
+        let (mut tcp, chosen) = dialled.split();
         if !out_header.is_empty() {
             tcp.write_all(&out_header).await.map_err(|e| {
                 Fail::page(
@@ -481,7 +482,7 @@ impl Job<'_> {
                 let s = upstream::tls::handshake(
                     connector,
                     tcp,
-                    &dialled.target,
+                    &chosen.target,
                     name,
                     cfg.connect_timeout,
                 )
@@ -490,6 +491,6 @@ impl Job<'_> {
                 Agent::Tls(Box::new(s))
             }
         };
-        Ok((agent, dialled.slot, dialled.attempt))
+        Ok((agent, chosen))
     }
 }

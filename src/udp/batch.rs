@@ -9,6 +9,7 @@
 use std::cell::RefCell;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,14 +20,38 @@ use nix::sys::socket::{
     SockaddrStorage,
 };
 
-/// Whether the kernel takes UDP GSO sends (cleared on the first refusal).
-static GSO: AtomicBool = AtomicBool::new(true);
-
 /// Datagrams per system call.
 pub const BATCH: usize = 32;
+/// Most datagrams in one GSO send (the kernel's `UDP_MAX_SEGMENTS` is 64
+/// on the kernels splicegate runs on; newer ones allow more).
+pub const GSO_SEGMENTS: usize = 64;
+/// Most bytes in one GSO send: one IPv4 datagram's largest payload
+/// (65,535 − 20 − 8), which IPv6 also takes.
+pub const GSO_BYTES: usize = 65_507;
 /// Largest datagram carried: a jumbo frame (VPC MTU 9001) with room to
 /// spare. A longer one arrives truncated and is dropped, counted.
 pub const SLOT: usize = 9216;
+
+/// A listener's socket as the flows send through it, and whether it takes
+/// UDP GSO sends (cleared for this socket alone when the kernel says it
+/// cannot).
+#[derive(Debug)]
+pub struct Out {
+    /// The listener's socket.
+    pub sock: tokio::net::UdpSocket,
+    /// GSO sends are worth trying.
+    pub gso: AtomicBool,
+}
+
+impl Out {
+    /// `sock`, GSO to be tried.
+    pub fn new(sock: tokio::net::UdpSocket) -> Out {
+        Out {
+            sock,
+            gso: AtomicBool::new(true),
+        }
+    }
+}
 
 /// One thread's batch: the buffer, the kernel headers, and what the last
 /// `recv` filled in.
@@ -154,65 +179,165 @@ impl Batch {
         )
     }
 
-    /// Send datagrams `0..n` of the last `recv` to `to` through `fd`,
-    /// without blocking; returns how many the kernel took.
+    /// Send datagrams `range` of the last `recv` through `fd` — to `to`,
+    /// or to the peer of a connected socket (None) — without blocking;
+    /// returns how many the kernel took (`WouldBlock` when none).
     ///
-    /// When they all have one size (the last may be shorter) — a burst of
-    /// QUIC packets — they leave in one `sendmsg` with UDP GSO: the kernel
+    /// Runs of one size (the last of a run may be shorter) — a burst of
+    /// QUIC packets — leave in one `sendmsg` with UDP GSO: the kernel
     /// carries them as one buffer and cuts it into datagrams at the end of
-    /// its path. Otherwise, or where the kernel refuses GSO, `sendmmsg`.
-    pub fn send_all_to(&mut self, fd: RawFd, to: SocketAddr, n: usize) -> io::Result<usize> {
-        let n = n.min(self.count);
-        if n == 0 {
-            return Ok(0);
-        }
-        let size = self.slots.len[0];
-        let uniform = n >= 2
-            && size > 0
-            && self.slots.len[..n - 1].iter().all(|&l| l == size)
-            && self.slots.len[n - 1] <= size;
-        if uniform && GSO.load(Ordering::Relaxed) {
-            let seg = u16::try_from(size).unwrap_or(u16::MAX);
-            let mut chunks = self.buf.chunks_exact(SLOT);
-            let len = self.slots.len;
-            let iovs: [IoSlice<'_>; BATCH] = std::array::from_fn(|i| {
-                let chunk = chunks.next().unwrap_or_default();
-                IoSlice::new(&chunk[..len[i].min(chunk.len())])
-            });
-            let addr = SockaddrStorage::from(to);
-            let cmsg = [ControlMessage::UdpGsoSegments(&seg)];
-            match sendmsg(fd, &iovs[..n], &cmsg, MsgFlags::MSG_DONTWAIT, Some(&addr)) {
-                Ok(_) => return Ok(n),
-                Err(Errno::EAGAIN) => return Err(io::ErrorKind::WouldBlock.into()),
-                // No GSO here (an old kernel, or a device without it):
-                // batches go out with sendmmsg from now on.
-                Err(Errno::EINVAL | Errno::EIO | Errno::ENOPROTOOPT | Errno::EOPNOTSUPP) => {
-                    GSO.store(false, Ordering::Relaxed);
-                }
-                Err(e) => return Err(e.into()),
+    /// its path. A GSO send holds at most [`GSO_SEGMENTS`] datagrams and
+    /// [`GSO_BYTES`] bytes (the kernel's limits: above them the send is
+    /// refused, and with it the whole burst). A GSO send the kernel refuses
+    /// is sent again as `sendmmsg`; where the kernel says the socket cannot
+    /// do GSO at all, `gso` is cleared and that socket sends without it
+    /// from then on. Everything else leaves by `sendmmsg`.
+    pub fn send(
+        &mut self,
+        fd: RawFd,
+        to: Option<SocketAddr>,
+        range: Range<usize>,
+        gso: &AtomicBool,
+    ) -> io::Result<usize> {
+        let end = range.end.min(self.count);
+        let mut at = range.start.min(end);
+        let mut sent = 0;
+        let mut plain_from = at;
+        while at < end {
+            let run = self.gso_run(at, end);
+            if run - at < 2 || !gso.load(Ordering::Relaxed) {
+                at = run;
+                continue;
             }
+            // What came before the run leaves first, in order.
+            let m = self.send_plain(fd, to, plain_from..at, &mut sent)?;
+            if !m {
+                return Ok(sent);
+            }
+            match self.send_gso(fd, to, at..run) {
+                Ok(()) => sent += run - at,
+                Err(Errno::EAGAIN) if sent == 0 => return Err(io::ErrorKind::WouldBlock.into()),
+                Err(Errno::EAGAIN) => return Ok(sent),
+                Err(e) => {
+                    if matches!(e, Errno::EIO | Errno::ENOPROTOOPT | Errno::EOPNOTSUPP) {
+                        // This socket (its device) has no UDP GSO.
+                        gso.store(false, Ordering::Relaxed);
+                    }
+                    // Refused as one buffer (EINVAL: a segment above the
+                    // device's MTU, or a limit): the same datagrams, one
+                    // by one in one sendmmsg.
+                    if !self.send_plain(fd, to, at..run, &mut sent)? {
+                        return Ok(sent);
+                    }
+                }
+            }
+            at = run;
+            plain_from = run;
         }
-        let addr = SockaddrStorage::from(to);
-        for slot in &mut self.to[..n] {
-            *slot = Some(addr);
+        self.send_plain(fd, to, plain_from..end, &mut sent)?;
+        if sent == 0 && end > range.start {
+            return Err(io::ErrorKind::WouldBlock.into());
         }
-        let mut chunks = self.buf.chunks_exact(SLOT);
-        let len = self.slots.len;
+        Ok(sent)
+    }
+
+    /// The end of the GSO run starting at `at`: datagrams of the first
+    /// one's size, the last possibly shorter, within the kernel's limits.
+    fn gso_run(&self, at: usize, end: usize) -> usize {
+        let len = &self.slots.len;
+        let size = len[at];
+        if size == 0 {
+            return at + 1;
+        }
+        let mut k = at + 1;
+        let mut bytes = size;
+        while k < end
+            && k - at < GSO_SEGMENTS
+            && len[k - 1] == size
+            && len[k] <= size
+            && len[k] > 0
+            && bytes + len[k] <= GSO_BYTES
+        {
+            bytes += len[k];
+            k += 1;
+        }
+        k
+    }
+
+    /// `range` in one `sendmsg` with a UDP GSO segment size.
+    fn send_gso(
+        &self,
+        fd: RawFd,
+        to: Option<SocketAddr>,
+        range: Range<usize>,
+    ) -> Result<(), Errno> {
+        let size = self.slots.len[range.start];
+        let seg = u16::try_from(size).unwrap_or(u16::MAX);
+        let mut chunks = self.buf.chunks_exact(SLOT).skip(range.start);
+        let len = &self.slots.len[range.clone()];
+        let iovs: [IoSlice<'_>; BATCH] = std::array::from_fn(|i| {
+            let chunk = chunks.next().unwrap_or_default();
+            let l = len.get(i).copied().unwrap_or(0);
+            IoSlice::new(&chunk[..l.min(chunk.len())])
+        });
+        let addr = to.map(SockaddrStorage::from);
+        let cmsg = [ControlMessage::UdpGsoSegments(&seg)];
+        sendmsg(
+            fd,
+            &iovs[..range.len()],
+            &cmsg,
+            MsgFlags::MSG_DONTWAIT,
+            addr.as_ref(),
+        )
+        .map(drop)
+    }
+
+    /// `range` in one `sendmmsg`, added to `sent`; false when the kernel
+    /// took fewer (a full buffer: the rest is dropped by the caller).
+    fn send_plain(
+        &mut self,
+        fd: RawFd,
+        to: Option<SocketAddr>,
+        range: Range<usize>,
+        sent: &mut usize,
+    ) -> io::Result<bool> {
+        if range.is_empty() {
+            return Ok(true);
+        }
+        let addr = to.map(SockaddrStorage::from);
+        for slot in &mut self.to[..range.len()] {
+            *slot = addr;
+        }
+        let mut chunks = self.buf.chunks_exact(SLOT).skip(range.start);
+        let len = &self.slots.len[range.clone()];
         let iovs: [[IoSlice<'_>; 1]; BATCH] = std::array::from_fn(|i| {
             let chunk = chunks.next().unwrap_or_default();
-            [IoSlice::new(&chunk[..len[i].min(chunk.len())])]
+            let l = len.get(i).copied().unwrap_or(0);
+            [IoSlice::new(&chunk[..l.min(chunk.len())])]
         });
         let cmsgs: [ControlMessage<'_>; 0] = [];
-        let sent = sendmmsg(
+        let n = range.len();
+        match sendmmsg(
             fd,
             &mut self.send,
             iovs[..n].iter(),
             &self.to[..n],
             cmsgs,
             MsgFlags::MSG_DONTWAIT,
-        )
-        .map_err(io::Error::from)?;
-        Ok(sent.count())
+        ) {
+            Ok(r) => {
+                let m = r.count();
+                *sent += m;
+                Ok(m == n)
+            }
+            Err(Errno::EAGAIN) => Ok(false),
+            // A datagram the path refuses (EMSGSIZE) or a destination
+            // that is gone: the batch is dropped, counted by the caller.
+            Err(
+                Errno::EMSGSIZE | Errno::ECONNREFUSED | Errno::EHOSTUNREACH | Errno::ENETUNREACH,
+            ) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 

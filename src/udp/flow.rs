@@ -2,21 +2,28 @@
 //! hands this flow exactly the agent's replies), its counters, and the task
 //! that relays the agent's datagrams back to the client through the
 //! listener's socket until the flow goes idle or the drain ends it.
+//!
+//! A flow is *confirmed* once its client sends a datagram after the
+//! agent's first: a client that really is at its address. Until then it
+//! ends after `hello_timeout` of quiet rather than `idle_timeout`, so
+//! Initials sent from spoofed addresses (the agent answers them, nobody
+//! answers back) cannot hold the flow table for long.
 
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
-use super::batch::with_batch;
+use super::batch::{with_batch, Batch, Out};
 pub use crate::counters::DatagramCounters;
 use crate::outcome::Kind;
 use crate::shutdown::{Halt, Stop};
+use crate::upstream::ConnectError;
 
 /// A routed flow.
 #[derive(Debug)]
@@ -34,6 +41,10 @@ pub struct Flow {
     started: Instant,
     /// Milliseconds after `started` of the last datagram either way.
     last: AtomicU64,
+    /// The client sent after the agent did.
+    confirmed: AtomicBool,
+    /// The agent's socket takes UDP GSO sends.
+    gso: AtomicBool,
 }
 
 /// How a flow's task ended.
@@ -79,6 +90,8 @@ impl Flow {
             counters: Arc::new(c),
             started,
             last: AtomicU64::new(last),
+            confirmed: AtomicBool::new(true),
+            gso: AtomicBool::new(true),
         })
     }
 
@@ -89,15 +102,34 @@ impl Flow {
     }
 
     /// A socket connected to `agent`, from an ephemeral port of the
-    /// matching family.
-    pub async fn connect(id: u64, client: SocketAddr, agent: SocketAddr) -> io::Result<Flow> {
+    /// matching family. No port left (`net.ipv4.ip_local_port_range` is
+    /// used up: each flow holds one) or no descriptor is
+    /// [`ConnectError::Local`].
+    pub async fn connect(
+        id: u64,
+        client: SocketAddr,
+        agent: SocketAddr,
+    ) -> Result<Flow, ConnectError> {
         let local: SocketAddr = if agent.is_ipv6() {
-            "[::]:0".parse().expect("literal")
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         } else {
-            "0.0.0.0:0".parse().expect("literal")
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
         };
-        let sock = UdpSocket::bind(local).await?;
-        sock.connect(agent).await?;
+        let failed = |source: io::Error| {
+            if crate::upstream::local_shortage(&source) {
+                ConnectError::Local {
+                    addr: agent,
+                    source,
+                }
+            } else {
+                ConnectError::Io {
+                    addr: agent,
+                    source,
+                }
+            }
+        };
+        let sock = UdpSocket::bind(local).await.map_err(failed)?;
+        sock.connect(agent).await.map_err(failed)?;
         Ok(Flow {
             id,
             client,
@@ -106,7 +138,22 @@ impl Flow {
             counters: Arc::default(),
             started: Instant::now(),
             last: AtomicU64::new(0),
+            confirmed: AtomicBool::new(false),
+            gso: AtomicBool::new(true),
         })
+    }
+
+    /// Whether the client sent after the agent did.
+    pub fn confirmed(&self) -> bool {
+        self.confirmed.load(Ordering::Relaxed)
+    }
+
+    fn confirm(&self) {
+        if !self.confirmed.load(Ordering::Relaxed)
+            && self.counters.to_client_packets.load(Ordering::Relaxed) > 0
+        {
+            self.confirmed.store(true, Ordering::Relaxed);
+        }
     }
 
     fn touch(&self) {
@@ -147,28 +194,65 @@ impl Flow {
                 self.counters.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
+        self.confirm();
         self.touch();
     }
 
-    /// Relay the agent's datagrams to the client through `listener` until
-    /// the flow is idle for `idle` or `stop` says so (close, the drain
-    /// deadline, or a pause for a live upgrade); returns why it ended.
+    /// Relay datagrams `range` of the thread's last receive (all from this
+    /// flow's client) to the agent in as few system calls as the kernel
+    /// allows (GSO runs, else `sendmmsg`); what the socket's buffer cannot
+    /// take is dropped, counted.
+    pub fn to_agent_batch(&self, b: &mut Batch, range: std::ops::Range<usize>) {
+        let n = range.len();
+        let bytes: usize = range.clone().map(|i| b.get(i).0.len()).sum();
+        let sent = b
+            .send(self.sock.as_raw_fd(), None, range.clone(), &self.gso)
+            .unwrap_or(0);
+        let c = &self.counters;
+        if sent == n {
+            c.to_agent_packets.fetch_add(n as u64, Ordering::Relaxed);
+            c.to_agent_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        } else {
+            let took: usize = range.take(sent).map(|i| b.get(i).0.len()).sum();
+            c.to_agent_packets.fetch_add(sent as u64, Ordering::Relaxed);
+            c.to_agent_bytes.fetch_add(took as u64, Ordering::Relaxed);
+            c.dropped.fetch_add((n - sent) as u64, Ordering::Relaxed);
+        }
+        self.confirm();
+        self.touch();
+    }
+
+    /// Relay the agent's datagrams to the client through the listener's
+    /// socket until the flow is idle for `idle` (`unconfirmed` before it
+    /// is confirmed) or `stop` says so (close, the drain deadline, or a
+    /// pause for a live upgrade); returns why it ended.
     pub async fn run(
         self: &Arc<Self>,
-        listener: &UdpSocket,
-        idle: Duration,
+        out: &Out,
+        (idle, unconfirmed): (Duration, Duration),
         stop: &Stop,
     ) -> FlowEnd {
-        let end = self.relay(listener, idle, stop).await;
+        let end = self.relay(out, (idle, unconfirmed), stop).await;
         super::spin::forget(self);
         end
     }
 
-    async fn relay(self: &Arc<Self>, listener: &UdpSocket, idle: Duration, stop: &Stop) -> FlowEnd {
-        let out = listener.as_raw_fd();
+    async fn relay(
+        self: &Arc<Self>,
+        out: &Out,
+        (idle, unconfirmed): (Duration, Duration),
+        stop: &Stop,
+    ) -> FlowEnd {
+        let limit = |f: &Flow| {
+            if f.confirmed() {
+                idle
+            } else {
+                unconfirmed.min(idle)
+            }
+        };
         // One timer for the flow's life, moved only when it fires: a busy
         // flow does not touch the timer wheel per datagram.
-        let sleep = tokio::time::sleep_until(self.idle_at(idle).into());
+        let sleep = tokio::time::sleep_until(self.idle_at(limit(self)).into());
         tokio::pin!(sleep);
         loop {
             tokio::select! {
@@ -189,7 +273,7 @@ impl Flow {
                     }
                 }
                 () = &mut sleep => {
-                    let at = self.idle_at(idle);
+                    let at = self.idle_at(limit(self));
                     if at <= Instant::now() {
                         return FlowEnd::Closed(Kind::IdleTimeout);
                     }
@@ -201,7 +285,8 @@ impl Flow {
 
     /// Move what the agent sent, in batches, until its socket is drained.
     /// Some(kind) ends the flow.
-    fn relay_back(self: &Arc<Self>, out: std::os::fd::RawFd) -> Option<Kind> {
+    fn relay_back(self: &Arc<Self>, out: &Out) -> Option<Kind> {
+        let fd = out.sock.as_raw_fd();
         // A bounded number of batches per wake-up, so one busy flow
         // cannot hold its worker thread.
         for _ in 0..8 {
@@ -211,7 +296,9 @@ impl Flow {
                     // A truncated datagram (longer than a jumbo frame) and
                     // those after it in the batch are dropped.
                     let good = (0..n).find(|&i| b.get(i).2).unwrap_or(n);
-                    let sent = b.send_all_to(out, self.client, good).unwrap_or(0);
+                    let sent = b
+                        .send(fd, Some(self.client), 0..good, &out.gso)
+                        .unwrap_or(0);
                     let bytes: usize = (0..sent).map(|i| b.get(i).0.len()).sum();
                     let c = &self.counters;
                     c.to_client_packets

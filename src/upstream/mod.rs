@@ -1,24 +1,22 @@
-//! Upstream: connect to the chosen agent, directly or through a pool
-//! ([`pool`]: balancing, limits, passive health; [`health`]: active checks),
-//! by one dial path, [`dial`], for every kind of connection.
+//! Upstream: the agents' side. [`pool`] orders a pool's agents (balancing,
+//! limits, passive health), [`health`] checks them, [`tls`] speaks TLS to
+//! them, and [`connect_addr`] opens a TCP connection to one address.
+//! Which agent a connection gets is decided one step above, by
+//! [`crate::choice::choose`], for every transport.
 
 pub mod health;
 pub mod pool;
 pub mod tls;
 
-use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use crate::maintenance::Drained;
 use crate::net::Keepalive;
 use crate::outcome::Kind;
 use crate::route::Target;
-use pool::{Pool, PoolError, Slot};
 
 /// Why no connection to the agent was made.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +51,32 @@ pub enum ConnectError {
         /// OS error.
         source: io::Error,
     },
+    /// No local socket toward the agent: the ephemeral ports are used up
+    /// or the process is at its descriptor limit. Not the agent's fault:
+    /// it does not count against the agent's passive health.
+    #[error("no local socket toward agent {addr}: {source}")]
+    Local {
+        /// Address to be dialled.
+        addr: SocketAddr,
+        /// OS error.
+        source: io::Error,
+    },
+}
+
+/// Whether `e`, from opening a socket toward `addr`, is this side's
+/// shortage (no ephemeral port, no descriptor) rather than the agent's.
+pub fn local_shortage(e: &io::Error) -> bool {
+    use nix::errno::Errno;
+    matches!(
+        e.raw_os_error().map(Errno::from_raw),
+        Some(
+            Errno::EADDRNOTAVAIL
+                | Errno::EADDRINUSE
+                | Errno::EMFILE
+                | Errno::ENFILE
+                | Errno::ENOBUFS
+        )
+    )
 }
 
 impl ConnectError {
@@ -63,6 +87,7 @@ impl ConnectError {
             ConnectError::Refused { .. } => Kind::AgentRefused,
             ConnectError::Timeout { .. } => Kind::AgentTimeout,
             ConnectError::Io { .. } => Kind::AgentUnreachable,
+            ConnectError::Local { .. } => Kind::NoLocalPort,
         }
     }
 }
@@ -123,94 +148,23 @@ pub async fn connect(
     Ok(stream)
 }
 
-/// An agent connected for one client connection.
-#[derive(Debug)]
-pub struct Dialled {
-    /// The agent's socket.
-    pub stream: TcpStream,
-    /// The agent for logs: a pool agent's name, else the target.
-    pub agent: String,
-    /// What was dialled; TLS to the agent verifies its certificate for it.
-    pub target: Target,
-    /// Which attempt succeeded (1 unless earlier agents of a pool failed).
-    pub attempt: usize,
-    /// The pool's slot, held for the connection's life.
-    pub slot: Option<Slot>,
-}
-
-/// Why no agent was connected.
-#[derive(Debug, thiserror::Error)]
-pub enum DialError {
-    /// A route names a pool the routing table does not have.
-    #[error("route: pool {0} does not exist")]
-    NoPool(String),
-    /// The agent could not be reached.
-    #[error("upstream: {0}")]
-    Connect(#[from] ConnectError),
-    /// No agent of the pool could be reached.
-    #[error("upstream: {0}")]
-    Pool(#[from] PoolError),
-    /// The route's only agent is drained by an operator.
-    #[error("upstream: agent {0} is drained (splicegate ctl drain-agent); the route has no other")]
-    Draining(String),
-}
-
-impl DialError {
-    /// The outcome this failure closes the connection with.
-    pub fn kind(&self) -> Kind {
-        match self {
-            DialError::NoPool(_) => Kind::NoRoute,
-            DialError::Connect(e) => e.kind(),
-            DialError::Pool(e) => e.kind(),
-            DialError::Draining(_) => Kind::AgentDraining,
+/// Open a TCP connection to one of an agent's addresses and tune the
+/// socket (unbounded in time: [`crate::choice::choose`] bounds it).
+pub async fn connect_addr(
+    addr: SocketAddr,
+    keepalive: Option<Keepalive>,
+) -> Result<TcpStream, ConnectError> {
+    let stream = TcpStream::connect(addr).await.map_err(|source| {
+        if source.kind() == io::ErrorKind::ConnectionRefused {
+            ConnectError::Refused { addr }
+        } else if local_shortage(&source) {
+            ConnectError::Local { addr, source }
+        } else {
+            ConnectError::Io { addr, source }
         }
+    })?;
+    if let Err(e) = crate::net::tune(&stream, keepalive) {
+        tracing::debug!(error = %e, "cannot set agent socket options");
     }
-
-    /// The last attempt timed out (terminate mode answers 504).
-    pub fn timed_out(&self) -> bool {
-        matches!(
-            self,
-            DialError::Connect(ConnectError::Timeout { .. })
-                | DialError::Pool(PoolError::AllFailed {
-                    last: ConnectError::Timeout { .. },
-                    ..
-                })
-        )
-    }
-}
-
-/// Connect to `target` for a client at `client`: the agent itself, or the
-/// agent a pool chooses for the client, with the pool's retries; never a
-/// `drained` agent. The client sees nothing until an agent accepts.
-pub async fn dial(
-    pools: &HashMap<String, Arc<Pool>>,
-    target: &Target,
-    client: IpAddr,
-    (timeout, keepalive): (Duration, Option<Keepalive>),
-    drained: &Drained,
-) -> Result<Dialled, DialError> {
-    match target {
-        Target::Pool(name) => {
-            let pool = pools
-                .get(name)
-                .ok_or_else(|| DialError::NoPool(name.clone()))?;
-            let c = pool.connect(client, (timeout, keepalive), drained).await?;
-            let agent = c.slot.agent();
-            Ok(Dialled {
-                agent: agent.name.clone(),
-                target: agent.config.target.clone(),
-                stream: c.stream,
-                attempt: c.attempt,
-                slot: Some(c.slot),
-            })
-        }
-        t if drained.contains(&t.to_string()) => Err(DialError::Draining(t.to_string())),
-        t => Ok(Dialled {
-            stream: connect(t, timeout, keepalive).await?,
-            agent: t.to_string(),
-            target: t.clone(),
-            attempt: 1,
-            slot: None,
-        }),
-    }
+    Ok(stream)
 }

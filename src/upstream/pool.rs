@@ -12,11 +12,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::maintenance::Drained;
-use crate::net::Keepalive;
 use crate::outcome::Kind;
 use crate::route::Target;
 
@@ -284,17 +282,6 @@ impl PoolError {
     }
 }
 
-/// A connection made through a pool.
-#[derive(Debug)]
-pub struct Connected {
-    /// The agent's socket.
-    pub stream: TcpStream,
-    /// Held for the connection's life (per-agent counts and `max_conns`).
-    pub slot: Slot,
-    /// 1-based attempt that succeeded.
-    pub attempt: usize,
-}
-
 /// Ring points per unit of weight: with 256, an agent's share of the hash
 /// space deviates from its weight's by 5 % (one standard deviation over
 /// 300 simulated rings of three agents; 10 % with 64 points).
@@ -456,59 +443,35 @@ impl Pool {
         out
     }
 
-    /// Connect to an agent of the pool for `client`, trying up to
-    /// `attempts` agents in policy order. Failures count towards passive
-    /// health. The client sees nothing until an agent accepts.
-    pub async fn connect(
-        &self,
-        client: IpAddr,
-        (timeout, keepalive): (Duration, Option<Keepalive>),
-        drained: &Drained,
-    ) -> Result<Connected, PoolError> {
-        let order = self.order(client, Instant::now(), drained)?;
-        let mut last = None;
-        let mut attempt = 0;
-        for i in order.into_iter().take(self.config.attempts.max(1)) {
-            let agent = &self.agents[i];
-            // Between ordering and here another connection may have taken
-            // the last slot: then move on to the next agent.
-            let Some(slot) = agent.try_acquire() else {
-                continue;
-            };
-            attempt += 1;
-            match super::connect(&agent.config.target, timeout, keepalive).await {
-                Ok(stream) => {
-                    return Ok(Connected {
-                        stream,
-                        slot,
-                        attempt,
-                    })
-                }
-                Err(e) => {
-                    tracing::debug!(agent = %agent.name, attempt, error = %e, "agent connect failed; trying the next");
-                    if agent.failed(&self.config.passive, Instant::now()) {
-                        tracing::warn!(
-                            event = "agent_down",
-                            pool = %self.config.name,
-                            agent = %agent.name,
-                            reason = "passive",
-                            for_ = ?self.config.passive.fail_timeout,
-                            "agent marked down after {} connect failures",
-                            self.config.passive.max_fails
-                        );
-                    }
-                    last = Some(e);
-                }
-            }
+    /// A connection slot on agent `i` if it is under `max_conns` (between
+    /// [`Pool::order`] and here another connection may have taken the
+    /// last one).
+    pub fn take(&self, i: usize) -> Option<Slot> {
+        self.agents.get(i)?.try_acquire()
+    }
+
+    /// Count a failed attempt on agent `i` toward its passive health (and
+    /// say so when that marks it down).
+    pub fn failed(&self, i: usize) {
+        let Some(agent) = self.agents.get(i) else {
+            return;
+        };
+        if agent.failed(&self.config.passive, Instant::now()) {
+            tracing::warn!(
+                event = "agent_down",
+                pool = %self.config.name,
+                agent = %agent.name,
+                reason = "passive",
+                for_ = ?self.config.passive.fail_timeout,
+                "agent marked down after {} connect failures",
+                self.config.passive.max_fails
+            );
         }
-        match last {
-            Some(last) => Err(PoolError::AllFailed {
-                pool: self.config.name.clone(),
-                attempts: attempt,
-                last,
-            }),
-            None => Err(self.unavailable(Instant::now(), drained)),
-        }
+    }
+
+    /// Why nothing could be tried after all (every slot taken meanwhile).
+    pub fn none_available(&self, drained: &Drained) -> PoolError {
+        self.unavailable(Instant::now(), drained)
     }
 }
 

@@ -186,6 +186,14 @@ impl Proxy {
         self.event(name, pred)
     }
 
+    /// Every event logged so far, without waiting for more.
+    pub fn all_seen(&mut self) -> &[Value] {
+        while let Ok(v) = self.events.try_recv() {
+            self.seen.push(v);
+        }
+        &self.seen
+    }
+
     /// Whether an event named `name` was already seen (e.g. logged before
     /// `listening`).
     pub fn saw(&self, name: &str) -> bool {

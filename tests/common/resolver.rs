@@ -45,6 +45,9 @@ pub struct State {
     pub delay_ms: AtomicU64,
     /// TCP connections accepted.
     pub connections: AtomicUsize,
+    /// Requests being worked on now, and the most at once.
+    pub working: AtomicUsize,
+    pub most_working: AtomicUsize,
 }
 
 impl State {
@@ -165,6 +168,17 @@ async fn serve_conn<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, st: Arc<State>)
             .unwrap_or_default();
         buf.drain(..end);
         st.requests.lock().unwrap().push((line, accept));
+        let now = st.working.fetch_add(1, Ordering::SeqCst) + 1;
+        st.most_working.fetch_max(now, Ordering::SeqCst);
+        // Counted as worked on until answered, or until the client goes
+        // away (the connection closes while the answer is being made).
+        struct Working<'a>(&'a AtomicUsize);
+        impl Drop for Working<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let _working = Working(&st.working);
         let delay = st.delay_ms.load(Ordering::Relaxed);
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;

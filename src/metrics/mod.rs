@@ -18,6 +18,8 @@ use hdrhistogram::Histogram;
 use crate::counters::{Counters, DatagramCounters};
 use crate::outcome::Kind;
 
+mod udp;
+
 /// (listener, route, agent).
 type RouteKey = (String, String, String);
 
@@ -74,6 +76,8 @@ struct Inner {
     /// Admin connections closed unanswered, by reason.
     admin_refused: BTreeMap<&'static str, u64>,
     quic_initial: BTreeMap<(String, &'static str), u64>,
+    /// Pending QUIC flows and the bytes they hold, per listener socket.
+    udp_pending: BTreeMap<(String, usize), (u64, u64)>,
     resolver: BTreeMap<&'static str, u64>,
     resolver_cache: BTreeMap<&'static str, u64>,
     resolver_wait: Option<Hist>,
@@ -196,75 +200,6 @@ impl Metrics {
         if let Some(a) = g.active.get_mut(listener) {
             *a = a.saturating_sub(1);
         }
-    }
-
-    /// What reading a new QUIC flow's Initial packets gave (`ok`, or an
-    /// [`crate::quic::InitialError`] kind, or `timeout`).
-    pub fn quic_initial(&self, listener: &str, outcome: &'static str) {
-        *self
-            .lock()
-            .quic_initial
-            .entry((listener.to_owned(), outcome))
-            .or_default() += 1;
-    }
-
-    /// `n` client datagrams dropped without a flow to carry them
-    /// (`draining`, `flow_limit`, `client_limit`, `refused`, `truncated`);
-    /// UDP listeners count locally and add their counts periodically.
-    pub fn udp_dropped(&self, listener: &str, reason: &'static str, n: u64) {
-        *self
-            .lock()
-            .udp_dropped
-            .entry((listener.to_owned(), reason))
-            .or_default() += n;
-    }
-
-    /// A QUIC flow was routed; its datagrams are counted live from
-    /// `counters` until [`Metrics::udp_flow_closed`].
-    pub fn udp_flow_started(&self, id: u64, key: RouteKey, counters: Arc<DatagramCounters>) {
-        let mut g = self.lock();
-        *g.udp_active.entry(key.0.clone()).or_default() += 1;
-        g.udp_live.insert(id, (key, counters, [0; 4]));
-    }
-
-    /// A QUIC flow adopted from the previous process of a live upgrade;
-    /// its datagrams count from what `counters` hold now.
-    pub fn udp_flow_adopted(&self, id: u64, key: RouteKey, counters: Arc<DatagramCounters>) {
-        let base = counters.snapshot();
-        let mut g = self.lock();
-        *g.udp_active.entry(key.0.clone()).or_default() += 1;
-        *g.adopted.entry("flow").or_default() += 1;
-        g.udp_live.insert(id, (key, counters, base));
-    }
-
-    /// A routed QUIC flow ended (`None`: it moved to the new process of a
-    /// live upgrade, and did not close).
-    pub fn udp_flow_closed(&self, id: u64, listener: &str, outcome: Option<Kind>) {
-        let mut g = self.lock();
-        if let Some((key, c, base)) = g.udp_live.remove(&id) {
-            let snap = c.snapshot();
-            let d = g.udp_datagrams.entry(key).or_default();
-            for ((total, v), b) in d.iter_mut().zip(snap).zip(base) {
-                *total += v.saturating_sub(b);
-            }
-        }
-        if let Some(a) = g.udp_active.get_mut(listener) {
-            *a = a.saturating_sub(1);
-        }
-        if let Some(outcome) = outcome {
-            *g.udp_flows
-                .entry((listener.to_owned(), outcome.as_str()))
-                .or_default() += 1;
-        }
-    }
-
-    /// A QUIC flow was refused before any datagram reached an agent.
-    pub fn udp_flow_refused(&self, listener: &str, outcome: Kind) {
-        *self
-            .lock()
-            .udp_flows
-            .entry((listener.to_owned(), outcome.as_str()))
-            .or_default() += 1;
     }
 
     /// A request to the session resolver ended with `outcome` (`ok` or a
@@ -457,8 +392,12 @@ impl Metrics {
         for (r, v) in &g.admin_refused {
             let _ = writeln!(o, "splicegate_admin_refused_total{{reason=\"{r}\"}} {v}");
         }
-        if !g.udp_flows.is_empty() || !g.udp_active.is_empty() || !g.quic_initial.is_empty() {
-            render_udp(o, &g);
+        if !g.udp_flows.is_empty()
+            || !g.udp_active.is_empty()
+            || !g.quic_initial.is_empty()
+            || !g.udp_pending.is_empty()
+        {
+            udp::render(o, &g);
         }
         if g.resolver_wait.is_some() || !g.resolver_cache.is_empty() {
             render_resolver(o, &g);
@@ -519,102 +458,6 @@ fn render_resolver(o: &mut String, g: &Inner) {
         "Time for the session resolver to answer (or fail).",
         g.resolver_wait.as_ref(),
     );
-}
-
-/// The QUIC relay's series.
-fn render_udp(o: &mut String, g: &Inner) {
-    header(
-        o,
-        "splicegate_udp_flows_active",
-        "gauge",
-        "QUIC flows routed and relaying now.",
-    );
-    for (l, v) in &g.udp_active {
-        let _ = writeln!(
-            o,
-            "splicegate_udp_flows_active{{listener=\"{}\"}} {v}",
-            esc(l)
-        );
-    }
-    header(
-        o,
-        "splicegate_udp_flows_total",
-        "counter",
-        "QUIC flows ended, by outcome (refusals included).",
-    );
-    for ((l, oc), v) in &g.udp_flows {
-        let _ = writeln!(
-            o,
-            "splicegate_udp_flows_total{{listener=\"{}\",outcome=\"{oc}\"}} {v}",
-            esc(l)
-        );
-    }
-    header(
-        o,
-        "splicegate_udp_datagrams_dropped_total",
-        "counter",
-        "Client datagrams dropped without a flow to carry them, by reason.",
-    );
-    for ((l, r), v) in &g.udp_dropped {
-        let _ = writeln!(
-            o,
-            "splicegate_udp_datagrams_dropped_total{{listener=\"{}\",reason=\"{r}\"}} {v}",
-            esc(l)
-        );
-    }
-    header(
-        o,
-        "splicegate_quic_initial_total",
-        "counter",
-        "New QUIC flows by what their Initial packets gave.",
-    );
-    for ((l, oc), v) in &g.quic_initial {
-        let _ = writeln!(
-            o,
-            "splicegate_quic_initial_total{{listener=\"{}\",outcome=\"{oc}\"}} {v}",
-            esc(l)
-        );
-    }
-    let mut totals = g.udp_datagrams.clone();
-    for (key, c, base) in g.udp_live.values() {
-        let t = totals.entry(key.clone()).or_default();
-        for ((total, v), b) in t.iter_mut().zip(c.snapshot()).zip(base) {
-            *total += v.saturating_sub(*b);
-        }
-    }
-    for (i, (name, help)) in [
-        (
-            "splicegate_udp_datagrams_to_agent_total",
-            "Datagrams relayed to agents, live flows included.",
-        ),
-        (
-            "splicegate_udp_bytes_to_agent_total",
-            "Bytes relayed to agents in datagrams, live flows included.",
-        ),
-        (
-            "splicegate_udp_datagrams_to_client_total",
-            "Datagrams relayed to clients, live flows included.",
-        ),
-        (
-            "splicegate_udp_bytes_to_client_total",
-            "Bytes relayed to clients in datagrams, live flows included.",
-        ),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        header(o, name, "counter", help);
-        for ((l, r, a), t) in &totals {
-            let _ = writeln!(
-                o,
-                "{name}{{listener=\"{}\",route=\"{}\",agent=\"{}\"}} {}",
-                esc(l),
-                esc(r),
-                esc(a),
-                t[i]
-            );
-        }
-    }
 }
 
 /// Open descriptors and the soft limit, read at scrape time.
