@@ -260,3 +260,96 @@ agent = "10.150.248.99:8443"
         "{ev}"
     );
 }
+
+/// Each routed QUIC flow holds an ephemeral port toward its agent: in a
+/// namespace whose `net.ipv4.ip_local_port_range` holds four ports, the
+/// fifth and sixth flows are refused with their own outcome
+/// (`no_local_port`) and a reason that names the shortage, and the
+/// proxy goes on serving.
+#[test]
+fn quic_flows_beyond_the_ephemeral_ports_are_refused_no_local_port() {
+    let why = skip_reason();
+    if !common::require(why.is_none(), why.as_deref().unwrap_or_default()) {
+        return;
+    }
+    let ns = format!("sgq{}", std::process::id());
+    let _lab = Lab {
+        namespaces: vec![ns.clone()],
+        children: Vec::new(),
+    };
+    ip(&["netns", "add", &ns]);
+    ip(&["-n", &ns, "link", "set", "lo", "up"]);
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns, "sysctl", "-w"])
+        .arg("net.ipv4.ip_local_port_range=40000 40003")
+        .output()
+        .expect("sysctl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config = "[[udp_listener]]\nbind = \"127.0.0.1:8443\"\nudp_workers = 1\n\
+                  [[route]]\nsni = \"p.test\"\nagent = \"127.0.0.1:9\"\n";
+    let file = TempFile::new(".toml", config.as_bytes());
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns, bin(), "--log-format", "json", "run"])
+        .arg("--config")
+        .arg(&file.0);
+    let mut proxy = Proxy::start_command(&mut cmd);
+    // Six clients on fixed ports outside the range, one Initial each.
+    let hellos: Vec<TempFile> = (0..6u8)
+        .map(|i| {
+            let d = splicegate::testkit::quic_hello_datagrams(
+                1,
+                &[i + 1; 8],
+                Some("p.test"),
+                &[],
+                0,
+                4000,
+            )
+            .remove(0);
+            TempFile::new(".bin", &d)
+        })
+        .collect();
+    let files: Vec<String> = hellos
+        .iter()
+        .map(|f| format!("{:?}", f.0.display().to_string()))
+        .collect();
+    let script = format!(
+        "import socket\nfor i, f in enumerate([{}]):\n    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n    s.bind(('127.0.0.1', 50000 + i))\n    s.sendto(open(f, 'rb').read(), ('127.0.0.1', 8443))\n    s.close()\n",
+        files.join(", ")
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns, "python3", "-c", &script])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let refused = proxy.closed("no_local_port");
+    let why = refused["reason"].as_str().unwrap();
+    assert!(
+        why.contains("no local socket toward agent 127.0.0.1:9"),
+        "{refused}"
+    );
+    proxy.event("closed", |v| v["outcome"] == "no_local_port");
+    let routed_now = |p: &mut Proxy| {
+        p.all_seen()
+            .iter()
+            .filter(|v| v["event"] == "routed")
+            .count()
+    };
+    while routed_now(&mut proxy) < 4 {
+        proxy.event("routed", |_| true);
+    }
+    let seen = proxy.all_seen();
+    let routed = seen.iter().filter(|v| v["event"] == "routed").count();
+    let no_port = seen
+        .iter()
+        .filter(|v| v["event"] == "closed" && v["outcome"] == "no_local_port")
+        .count();
+    assert_eq!((routed, no_port), (4, 2), "four ports, four flows");
+}

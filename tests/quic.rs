@@ -531,3 +531,200 @@ async fn a_session_in_the_initial_is_resolved_with_transport_quic() {
     );
     assert_eq!(s.connections.load(Ordering::SeqCst), 1);
 }
+
+/// A plain UDP socket as the "agent" of a flow, so the test decides what
+/// it sends: routes for `burst.test` go to it.
+fn raw_agent() -> UdpSocket {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let sock = socket2::SockRef::from(&s);
+    sock.set_recv_buffer_size(4 << 20).unwrap();
+    sock.set_send_buffer_size(4 << 20).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s
+}
+
+/// Receive datagrams on `s` until `n` came or 2 s passed without one;
+/// returns their sizes.
+fn receive_sizes(s: &UdpSocket, n: usize) -> Vec<usize> {
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut sizes = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    while sizes.len() < n {
+        match s.recv_from(&mut buf) {
+            Ok((len, _)) => sizes.push(len),
+            Err(_) => break,
+        }
+    }
+    sizes
+}
+
+/// A burst of 20 datagrams of 8,500 bytes (a VPC endpoint's MTU) each way
+/// arrives whole: the agent's leave the relay as GSO sends cut to the
+/// kernel's limits (20 × 8,500 is over 64 KiB), and the client's leave in
+/// batches too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_vpc_sized_datagrams_arrives_whole_both_ways() {
+    let agent = raw_agent();
+    let cfg = format!(
+        "[[udp_listener]]\nbind = \"127.0.0.1:0\"\nudp_workers = 1\n\
+         [[route]]\nsni = \"burst.test\"\nagent = \"{}\"\n\
+         [admin]\nbind = \"127.0.0.1:0\"\n",
+        agent.local_addr().unwrap()
+    );
+    let p = Proxy::start(Some(&cfg), &[]);
+    let client = raw_agent();
+    let hello = quic_hello_datagrams(1, &[6; 8], Some("burst.test"), &[], 0, 4000).remove(0);
+    client.send_to(&hello, p.addr).unwrap();
+    let mut buf = vec![0u8; 65536];
+    let (n, relay) = agent.recv_from(&mut buf).unwrap();
+    assert_eq!(
+        &buf[..n],
+        &hello[..],
+        "the Initial reaches the agent as sent"
+    );
+    // The agent's burst: 20 × 8,500 bytes back to back.
+    for i in 0..20u8 {
+        agent.send_to(&[i; 8500], relay).unwrap();
+    }
+    let sizes = receive_sizes(&client, 20);
+    assert_eq!(sizes, vec![8500; 20], "agent → client");
+    // The client's burst (the flow is confirmed by now: it answered).
+    for i in 0..20u8 {
+        client.send_to(&[i; 8500], p.addr).unwrap();
+    }
+    let sizes = receive_sizes(&agent, 21);
+    assert_eq!(sizes, vec![8500; 20], "client → agent");
+    let text = metrics(&p);
+    assert_eq!(
+        metric(&text, "splicegate_udp_datagrams_to_client_total{"),
+        20,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "splicegate_udp_datagrams_to_agent_total{"),
+        21,
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_listener_relays_to_an_ipv6_agent() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "no IPv6 loopback on this machine, and CI needs one"
+        );
+        eprintln!("skipped: no IPv6 loopback");
+        return;
+    }
+    let a = agent_at("v6", "v6.test", "[::1]:0".parse().unwrap()).await;
+    let cfg = format!(
+        "[[udp_listener]]\nbind = \"[::1]:0\"\n\
+         [[route]]\nsni = \"v6.test\"\nagent = \"{}\"\n",
+        a.addr
+    );
+    let mut p = Proxy::start(Some(&cfg), &[]);
+    assert!(p.addr.is_ipv6(), "{}", p.addr);
+    let ep = client_from(
+        "[::1]:0".parse().unwrap(),
+        &[&a.id],
+        &[],
+        Duration::from_secs(10),
+    );
+    let data = common::payload(1 << 20, 5);
+    let (name, echo) = exchange(&ep, p.addr, "v6.test", &data).await.unwrap();
+    assert_eq!(name, "v6");
+    assert!(echo == data, "1 MB echoed intact over IPv6");
+    let routed = p.event("routed", |v| v["sni"] == "v6.test");
+    assert_eq!(routed["agent"], a.addr.to_string());
+    assert!(routed["span"]["client"]
+        .as_str()
+        .unwrap()
+        .starts_with("[::1]:"));
+}
+
+/// QUIC flows take their pool agent's slot, as TCP connections do: with
+/// `least_conn` a second flow goes to the other agent while the first is
+/// open, and the per-agent gauge counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_conn_counts_quic_flows() {
+    let (m1, m2) = (
+        agent_at("m1", "fleet.test", "127.0.0.1:0".parse().unwrap()).await,
+        agent_at("m2", "fleet.test", "127.0.0.1:0".parse().unwrap()).await,
+    );
+    let cfg = format!(
+        "[[udp_listener]]\nbind = \"127.0.0.1:0\"\n\
+         [[route]]\nsni = \"fleet.test\"\npool = \"fleet\"\n\
+         [[pool]]\nname = \"fleet\"\npolicy = \"least_conn\"\n\
+         [[pool.agents]]\naddr = \"{}\"\n[[pool.agents]]\naddr = \"{}\"\n\
+         [admin]\nbind = \"127.0.0.1:0\"\n",
+        m1.addr, m2.addr
+    );
+    let p = Proxy::start(Some(&cfg), &[]);
+    let ask = |conn: quinn::Connection| async move {
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(b"?").await.unwrap();
+        send.finish().unwrap();
+        let got = recv.read_to_end(1024).await.unwrap();
+        String::from_utf8_lossy(&got).into_owned()
+    };
+    let (c1, c2) = (
+        client(&[&m1.id, &m2.id], &[], Duration::from_secs(30)),
+        client(&[&m1.id, &m2.id], &[], Duration::from_secs(30)),
+    );
+    let first = c1.connect(p.addr, "fleet.test").unwrap().await.unwrap();
+    let one = ask(first.clone()).await;
+    let second = c2.connect(p.addr, "fleet.test").unwrap().await.unwrap();
+    let two = ask(second.clone()).await;
+    let names = [one.lines().next().unwrap(), two.lines().next().unwrap()];
+    assert!(
+        names == ["m1", "m2"] || names == ["m2", "m1"],
+        "both flows went to one agent: {names:?}"
+    );
+    let text = metrics(&p);
+    for a in [m1.addr, m2.addr] {
+        let key = format!("splicegate_agent_active_connections{{pool=\"fleet\",agent=\"{a}\"}}");
+        assert_eq!(metric(&text, &key), 1, "{key}\n{text}");
+    }
+    first.close(0u32.into(), b"done");
+    second.close(0u32.into(), b"done");
+}
+
+/// A client whose address changes (NAT rebinding, a migration) is a new
+/// 4-tuple: its short-header datagrams start no flow and are dropped
+/// (`not_quic`), as the NLB itself would send them to another target; the
+/// connection fails over to a new one, which works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_changes_address_is_not_followed() {
+    let (a, b, trap) = (agent("a.test").await, agent("b.test").await, Trap::new());
+    let p = Proxy::start(Some(&config(&a, &b, trap.port(), "")), &[]);
+    let ep = client(&[&a.id], &[], Duration::from_secs(3));
+    let conn = ep.connect(p.addr, "a.test").unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(b"before").await.unwrap();
+    let mut line = [0u8; 13];
+    recv.read_exact(&mut line).await.unwrap();
+    assert_eq!(&line, b"a.test\nbefore");
+    let before = metric(
+        &metrics(&p),
+        "splicegate_udp_datagrams_dropped_total{listener=\"udp1\",reason=\"not_quic\"}",
+    );
+    ep.rebind(UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+    send.write_all(b"after the rebinding").await.unwrap();
+    let mut more = [0u8; 6];
+    let r = tokio::time::timeout(Duration::from_secs(10), recv.read_exact(&mut more)).await;
+    assert!(
+        !matches!(r, Ok(Ok(()))),
+        "the rebound path was relayed: {r:?}"
+    );
+    wait_metric(
+        &p,
+        "splicegate_udp_datagrams_dropped_total{listener=\"udp1\",reason=\"not_quic\"}",
+        before + 1,
+    );
+    let fresh = client(&[&a.id], &[], Duration::from_secs(10));
+    let (name, _) = exchange(&fresh, p.addr, "a.test", b"new connection")
+        .await
+        .unwrap();
+    assert_eq!(name, "a.test");
+}

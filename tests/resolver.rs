@@ -531,3 +531,109 @@ async fn the_client_address_from_the_proxy_header_is_passed_on() {
         ["POST /resolveSession?sessionId=s1&transport=HTTP&clientIpAddress=203.0.113.7"]
     );
 }
+
+/// A resolver's host-name answer is dialled only at addresses inside
+/// `allow`, whatever DNS says: `localhost` is allowed by `allow_names`,
+/// but its address 127.0.0.1 is outside `allow = ["127.0.0.2/32"]`, so
+/// passthrough, terminate and QUIC all refuse it, and the agent there
+/// hears nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_name_answer_outside_allow_is_refused_on_every_transport() {
+    if !require_tool("curl", "--version") {
+        return;
+    }
+    let (id, agent) = session_agent("s").await;
+    let port = agent.addr.port();
+    // The QUIC half of the same agent address: a UDP socket that counts.
+    let udp = std::net::UdpSocket::bind(("127.0.0.1", port))
+        .or_else(|_| std::net::UdpSocket::bind("127.0.0.1:0"))
+        .unwrap();
+    udp.set_nonblocking(true).unwrap();
+    let udp_port = udp.local_addr().unwrap().port();
+    let resolver = TestResolver::start(None).await;
+    let st = Arc::clone(&resolver.state);
+    for transport in ["HTTP", "QUIC"] {
+        let p = if transport == "HTTP" { port } else { udp_port };
+        st.answer(
+            &format!("named{}", transport.to_lowercase()),
+            Reply::Json(format!(
+                r#"{{"TransportProtocol": "{transport}", "DcvServerEndpoint": "localhost", "Port": {p}}}"#
+            )),
+        );
+    }
+    let dir = TempDir::new("resolver-names");
+    make_cert(&dir.0, &["IP:127.0.0.1"]);
+    let d = dir.0.display();
+    let cfg = format!(
+        "[[listener]]\nname = \"pass\"\nbind = \"127.0.0.1:0\"\n\
+         [[listener]]\nname = \"term\"\nbind = \"127.0.0.1:0\"\nmode = \"terminate\"\nupstream_tls = \"off\"\n\
+         [[listener.cert]]\ncert = \"{d}/cert.pem\"\nkey = \"{d}/key.pem\"\n\
+         [[udp_listener]]\nname = \"quic\"\nbind = \"127.0.0.1:0\"\n\
+         [[session_in_name]]\nsuffix = \"sessions.test\"\n\
+         [session_in_request]\nquery = \"sessionId\"\n\
+         [resolver]\nurl = \"{}\"\nallow = [\"127.0.0.2/32\"]\nallow_names = [\"localhost\"]\nports = [{port}, {udp_port}]\n",
+        resolver.url("http")
+    );
+    let mut p = Proxy::start(Some(&cfg), &[]);
+    let addr_of = |p: &mut Proxy, name: &str| -> std::net::SocketAddr {
+        p.find_event("listening", |v| v["listener"] == name)["addr"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (pass, term, quic) = (
+        addr_of(&mut p, "pass"),
+        addr_of(&mut p, "term"),
+        addr_of(&mut p, "quic"),
+    );
+    // Passthrough.
+    let tls = client_config(&[&id], &["http/1.1"]).unwrap();
+    let e = greet(pass, "namedhttp.sessions.test", tls)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("InternalError"), "{e}");
+    let ev = p.event("closed", |v| {
+        v["outcome"] == "resolver_bad_answer" && v["span"]["listener"] == "pass"
+    });
+    let why = ev["reason"].as_str().unwrap();
+    assert!(
+        why.contains("localhost:")
+            && why.contains("127.0.0.1")
+            && why.contains("outside the allowed networks"),
+        "{ev}"
+    );
+    // Terminate: 502.
+    let r = curl_tls(
+        &dir.0.join("cert.pem"),
+        &[format!(
+            "https://127.0.0.1:{}/?sessionId=namedhttp",
+            term.port()
+        )],
+    );
+    assert_eq!(r[0].0, 502, "{r:?}");
+    p.event("closed", |v| {
+        v["outcome"] == "resolver_bad_answer" && v["span"]["listener"] == "term"
+    });
+    // QUIC.
+    let ep = common::quic::client(&[&id], &[], Duration::from_secs(2));
+    assert!(
+        common::quic::exchange(&ep, quic, "namedquic.sessions.test", b"x")
+            .await
+            .is_err()
+    );
+    let ev = p.event("closed", |v| {
+        v["outcome"] == "resolver_bad_answer" && v["span"]["proto"] == "quic"
+    });
+    assert!(
+        ev["reason"]
+            .as_str()
+            .unwrap()
+            .contains("outside the allowed networks"),
+        "{ev}"
+    );
+    assert_eq!(agent.accepted(), 0, "the TCP agent heard nothing");
+    let mut b = [0u8; 2048];
+    assert!(udp.recv(&mut b).is_err(), "the UDP agent heard nothing");
+    assert_eq!(st.asked("namedquic").len(), 1);
+}

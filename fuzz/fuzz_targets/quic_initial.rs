@@ -5,7 +5,8 @@
 //!   datagrams reaches the same result (no state outside the sniffer);
 //! - the input as a ClientHello handshake message that a client protects
 //!   in Initial packets (rustls seals them with the Initial keys), cut
-//!   into CRYPTO frames that arrive shuffled over up to four datagrams:
+//!   into CRYPTO frames that arrive shuffled over up to four datagrams,
+//!   the first one sometimes led by a 0-RTT packet it coalesces:
 //!   splicegate must read exactly what `sniff::parse_handshake` reads from
 //!   the plain message — the decryption and reassembly add nothing and
 //!   lose nothing.
@@ -39,8 +40,12 @@ fn datagrams(mut rest: &[u8]) {
     let run = || {
         let first = list.first()?;
         let mut s = InitialSniffer::start(first, CAP).ok()?;
+        let tag = s.tag();
         let mut last = None;
         for d in &list {
+            // Whether a datagram belongs to the flow is read without
+            // panicking, whatever it holds.
+            let _ = tag.belongs(d);
             last = Some(s.feed(d));
             if matches!(last, Some(Ok(Some(_))) | Some(Err(_))) {
                 break;
@@ -81,12 +86,27 @@ fn sealed(mode: u8, hello: &[u8]) {
         }
     }
     let dcid = [mode; 8];
-    let sealed: Vec<Vec<u8>> = frames
+    let mut sealed: Vec<Vec<u8>> = frames
         .iter()
         .enumerate()
         .filter(|(_, f)| f.len() < 1100)
         .map(|(pn, f)| quic_initial(version, &dcid, b"c", pn as u64, f, 1200))
         .collect();
+    if mode & 0x20 != 0 && version == VERSION_1 {
+        // A 0-RTT packet (type 1, opaque to a relay) before the Initial.
+        let mut zero_rtt = vec![0xd3];
+        zero_rtt.extend(VERSION_1.to_be_bytes());
+        zero_rtt.push(8);
+        zero_rtt.extend(dcid);
+        zero_rtt.push(1);
+        zero_rtt.push(b'c');
+        zero_rtt.extend([0x40, 100]);
+        zero_rtt.extend([0xa5; 100]);
+        if let Some(first) = sealed.first_mut() {
+            zero_rtt.extend(std::mem::take(first));
+            *first = zero_rtt;
+        }
+    }
     if sealed.len() != frames.len() {
         return; // a datagram would exceed one Initial
     }

@@ -83,6 +83,15 @@ impl Config {
                 u.max_flows_per_client,
                 u.agent_port.map_or("the route's".into(), |p| p.to_string())
             );
+            let lb: Vec<String> = u.lb_networks.iter().map(|c| c.to_string()).collect();
+            let _ = writeln!(
+                s,
+                "    udp_workers={} max_pending={} pending_bytes_max={} lb_networks=[{}]",
+                u.workers,
+                u.max_pending,
+                u.pending_bytes_max,
+                lb.join(", ")
+            );
             if let Some(w) = u.spin {
                 let _ = writeln!(
                     s,

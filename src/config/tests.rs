@@ -187,3 +187,50 @@ fn low_latency_on_tcp_and_udp_listeners() {
         assert!(e.starts_with(want), "{udp}: {e}");
     }
 }
+
+#[test]
+fn udp_listener_keys_and_their_checks() {
+    let text = "[[udp_listener]]\nbind = \"127.0.0.1:0\"\nlb_networks = [\"10.0.0.0/24\"]\n\
+                max_pending = 100\npending_bytes_max = 2097152\nudp_workers = 3\nidle_timeout = \"90s\"\n\
+                [[route]]\nsni = \"a.example\"\nagent = \"127.0.0.1:1\"\n";
+    let c = Config::parse(text, "x.toml").unwrap();
+    let u = &c.udp_listeners[0];
+    assert_eq!(u.lb_networks.len(), 1);
+    assert_eq!(
+        (u.max_pending, u.pending_bytes_max, u.workers),
+        (100, 2 << 20, 3)
+    );
+    assert_eq!(u.sockets(), 3);
+    let w = crate::udp::warnings(u);
+    assert!(
+        w.iter()
+            .any(|w| w.contains("not above the NLB's fixed UDP flow timeout")),
+        "{w:?}"
+    );
+    // The defaults need no warning about the idle timeout.
+    let text = "[[udp_listener]]\nbind = \"127.0.0.1:0\"\n";
+    let c = Config::parse(text, "x.toml").unwrap();
+    assert_eq!(c.udp_listeners[0].idle_timeout, Duration::from_secs(180));
+    assert!(crate::udp::warnings(&c.udp_listeners[0])
+        .iter()
+        .all(|w| !w.contains("idle_timeout")));
+    for (bad, key) in [
+        ("udp_workers = 0", "udp_workers"),
+        ("pending_bytes_max = 1000", "pending_bytes_max"),
+        ("max_pending = 0", "max_pending"),
+        ("lb_networks = [\"nope\"]", "lb_networks"),
+    ] {
+        let text = format!("[[udp_listener]]\nbind = \"127.0.0.1:0\"\n{bad}\n");
+        let e = Config::parse(&text, "x.toml").unwrap_err().to_string();
+        assert!(e.starts_with("x.toml:3:") && e.contains(key), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn resolver_host_names_need_networks_for_their_addresses() {
+    let text = "[resolver]\nurl = \"http://127.0.0.1:1\"\nallow_names = [\"agents.example\"]\n";
+    let e = Config::parse(text, "x.toml").unwrap_err().to_string();
+    assert!(e.contains("also set `allow`"), "{e}");
+    let text = "[resolver]\nurl = \"http://127.0.0.1:1\"\nallow_names = [\"agents.example\"]\nallow = [\"10.0.0.0/8\"]\n";
+    Config::parse(text, "x.toml").unwrap();
+}

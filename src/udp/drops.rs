@@ -104,7 +104,9 @@ pub struct Drops {
     /// Refusal lines left in this period, and those not written.
     lines_left: u32,
     unlogged: u64,
-    last_summary: Instant,
+    /// When the last summary line was written (None: never; the first
+    /// comes with the first sweep that has something to say).
+    last_summary: Option<Instant>,
 }
 
 impl Default for Drops {
@@ -116,7 +118,7 @@ impl Default for Drops {
             timed_out: 0,
             lines_left: REFUSAL_LINES,
             unlogged: 0,
-            last_summary: Instant::now(),
+            last_summary: None,
         }
     }
 }
@@ -159,15 +161,18 @@ impl Drops {
                 *n = 0;
             }
         }
-        if now.duration_since(self.last_summary) < SUMMARY_EVERY {
+        if self
+            .last_summary
+            .is_some_and(|t| now.duration_since(t) < SUMMARY_EVERY)
+        {
             return;
         }
-        self.last_summary = now;
         self.lines_left = REFUSAL_LINES;
         let total: u64 = self.unsummed.iter().sum();
         if total == 0 && self.evicted == 0 && self.timed_out == 0 && self.unlogged == 0 {
             return;
         }
+        self.last_summary = Some(now);
         let mut by: Vec<String> = Vec::new();
         for (i, n) in self.unsummed.iter_mut().enumerate() {
             if *n > 0 {

@@ -20,7 +20,12 @@ ADMIN_PORT = 8989
 HEALTH_PATH = "/health"
 
 # Tables the stack writes itself; a routes file must leave them out.
-STACK_TABLES = ("listener", "admin", "shutdown")
+STACK_TABLES = ("listener", "udp_listener", "admin", "shutdown")
+
+# The NLB forgets an idle UDP flow after 120 s (fixed); splicegate must
+# remember it longer.
+NLB_UDP_IDLE = 120
+UDP_IDLE_TIMEOUT = 180
 
 # ELF e_machine values of the architectures Amazon Linux 2023 runs on.
 ELF_MACHINES = {"x86_64": 0x3E, "arm64": 0xB7}
@@ -40,6 +45,8 @@ KNOWN_KEYS = {
     "allowedVpce",
     "crossZone",
     "udp",
+    "udpPort",
+    "udpClientNetworks",
     "binary",
     "systemdUnit",
     "routes",
@@ -104,6 +111,8 @@ class Settings:
     allowed_vpce: list[str]
     cross_zone: bool
     udp: bool
+    udp_port: int
+    udp_client_networks: list[str]
     binary: str
     systemd_unit: str
     routes: str
@@ -161,6 +170,8 @@ class Settings:
             allowed_vpce=list(raw.get("allowedVpce") or []),
             cross_zone=bool(raw.get("crossZone", True)),
             udp=bool(raw.get("udp", False)),
+            udp_port=_int(raw, "udpPort", 8444, 1, 65535),
+            udp_client_networks=[_cidr(n, "udpClientNetworks") for n in raw.get("udpClientNetworks") or []],
             binary=_file(base, raw, "binary"),
             systemd_unit=_file(base, raw, "systemdUnit"),
             routes=_file(base, raw, "routes"),
@@ -189,12 +200,13 @@ class Settings:
     # -- the rules -----------------------------------------------------------------
 
     def _check(self) -> None:
-        if self.udp:
+        if self.udp_port in (TRAFFIC_PORT, ADMIN_PORT):
             raise SettingsError(
-                'udp: this example deploys the TCP side only; keep "udp": false. '
-                "PrivateLink endpoints have been TCP-only and the NLB's TCP_UDP layout needs "
-                "checking (docs/quic.md); DCV native clients use the WebSocket on TCP 8443."
+                f"udpPort: {self.udp_port} is taken (TCP {TRAFFIC_PORT} is the DCV listener, {ADMIN_PORT} "
+                "the health port); QUIC needs a UDP listener on a port of its own (docs/quic.md)"
             )
+        if self.udp_client_networks and not self.udp:
+            raise SettingsError('udpClientNetworks: only with "udp": true')
         if self.architecture not in ELF_MACHINES:
             raise SettingsError(f"architecture: {self.architecture!r} is not one of {sorted(ELF_MACHINES)}")
         if not self.agent_networks:
@@ -324,6 +336,21 @@ class Settings:
         lines += [
             f'keepalive_time = "{self.keepalive}s"',
             "",
+        ]
+        if self.udp:
+            lines += [
+                "[[udp_listener]]",
+                'name = "dcv-quic"',
+                f'bind = ["0.0.0.0:{self.udp_port}"]',
+                "# DCV's quic-port on the agents.",
+                f"agent_port = {self.udp_port}",
+                f"# Above the NLB's fixed {NLB_UDP_IDLE} s UDP flow timeout.",
+                f'idle_timeout = "{UDP_IDLE_TIMEOUT}s"',
+                "# Through PrivateLink the NLB's addresses are every datagram's source.",
+                f'lb_networks = ["{self.vpc_cidr}"]',
+                "",
+            ]
+        lines += [
             "[admin]",
             f'bind = "0.0.0.0:{ADMIN_PORT}"',
             "",

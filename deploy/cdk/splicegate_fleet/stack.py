@@ -42,6 +42,16 @@ class SplicegateFleetStack(cdk.Stack):
         for net in s.agent_networks:
             peer = ec2.Peer.ipv4(net) if ":" not in net else ec2.Peer.ipv6(net)
             sg.add_egress_rule(peer, ec2.Port.tcp(TRAFFIC_PORT), f"DCV agents {net}")
+        if s.udp:
+            # QUIC: client IP preservation is always on for UDP target groups,
+            # so datagrams come from the NLB's addresses over PrivateLink (in
+            # the VPC) or from the clients themselves (udpClientNetworks).
+            for net in [s.vpc_cidr, *s.udp_client_networks]:
+                peer = ec2.Peer.ipv4(net) if ":" not in net else ec2.Peer.ipv6(net)
+                sg.add_ingress_rule(peer, ec2.Port.udp(s.udp_port), f"DCV QUIC from {net}")
+            for net in s.agent_networks:
+                peer = ec2.Peer.ipv4(net) if ":" not in net else ec2.Peer.ipv6(net)
+                sg.add_egress_rule(peer, ec2.Port.udp(s.udp_port), f"DCV agents' QUIC {net}")
         # The binary and unit come from the CDK asset bucket at boot, through
         # the S3 gateway endpoint: allow HTTPS to S3's prefix list, nothing else.
         sg.add_egress_rule(ec2.Peer.prefix_list(self._s3_prefix_list()), ec2.Port.tcp(443), "S3 (boot files)")
@@ -72,6 +82,13 @@ class SplicegateFleetStack(cdk.Stack):
         config = s.splicegate_toml()
         if any(line.strip() == CONFIG_MARK for line in config.splitlines()):
             raise ValueError(f"routes: a line may not be {CONFIG_MARK}")
+        if s.udp:
+            # The QUIC relay's 4 MiB socket buffers (docs/quic.md).
+            user_data.add_commands(
+                "printf 'net.core.rmem_max = 4194304\\nnet.core.wmem_max = 4194304\\n' "
+                "> /etc/sysctl.d/90-splicegate.conf",
+                "sysctl --system >/dev/null",
+            )
         user_data.add_commands(
             f"install -m 0755 {bin_tmp} /usr/local/bin/splicegate",
             "id -u splicegate >/dev/null 2>&1 || "
@@ -223,6 +240,39 @@ class SplicegateFleetStack(cdk.Stack):
             default_target_groups=[target_group],
             tcp_idle_timeout=cdk.Duration.seconds(s.nlb_idle_timeout),
         )
+
+        if s.udp:
+            # QUIC on a UDP listener of its own: the NLB's QUIC listeners route
+            # by server ids a relay cannot put in the agent's connection ids,
+            # and TCP_UDP would preserve client IPs on the TCP half too.
+            quic_group = elbv2.NetworkTargetGroup(
+                self,
+                "QuicTargets",
+                vpc=vpc,
+                port=s.udp_port,
+                protocol=elbv2.Protocol.UDP,
+                target_type=elbv2.TargetType.INSTANCE,
+                deregistration_delay=cdk.Duration.seconds(s.deregistration_delay),
+                connection_termination=False,
+                health_check=elbv2.HealthCheck(
+                    enabled=True,
+                    protocol=elbv2.Protocol.HTTP,
+                    port=str(ADMIN_PORT),
+                    path=HEALTH_PATH,
+                    healthy_http_codes="200",
+                    interval=cdk.Duration.seconds(s.health.interval),
+                    timeout=cdk.Duration.seconds(s.health.timeout),
+                    healthy_threshold_count=s.health.healthy,
+                    unhealthy_threshold_count=s.health.unhealthy,
+                ),
+            )
+            quic_group.add_target(group)
+            nlb.add_listener(
+                "Quic",
+                port=s.udp_port,
+                protocol=elbv2.Protocol.UDP,
+                default_target_groups=[quic_group],
+            )
 
         # -- PrivateLink ---------------------------------------------------------------
         service = ec2.VpcEndpointService(

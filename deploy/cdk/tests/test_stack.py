@@ -53,6 +53,8 @@ def _shipped() -> dict:
 VARIANTS = {
     # config.json as shipped: a new two-zone VPC.
     "new-vpc": {},
+    # The optional QUIC side: a UDP listener and target group of its own.
+    "quic": {"udp": True, "udpClientNetworks": ["192.0.2.0/24"]},
     # An existing VPC with three zones, endpoint ids and consumer principals.
     "existing-vpc": {
         "vpc": {
@@ -157,8 +159,8 @@ def _attrs(props: dict, key: str = "TargetGroupAttributes") -> dict:
     return {a["Key"]: a["Value"] for a in props.get(key, [])}
 
 
-def _target_group(s: Synth) -> dict:
-    (tg,) = s.resources("AWS::ElasticLoadBalancingV2::TargetGroup")
+def _target_group(s: Synth, protocol: str = "TCP") -> dict:
+    (tg,) = [t for t in s.resources("AWS::ElasticLoadBalancingV2::TargetGroup") if t["Protocol"] == protocol]
     return tg
 
 
@@ -209,8 +211,8 @@ def test_established_sessions_outlive_the_drain(synth):
 
 
 def test_idle_timeout_exceeds_keepalive(synth):
-    (listener,) = synth.resources("AWS::ElasticLoadBalancingV2::Listener")
-    assert (listener["Protocol"], listener["Port"]) == ("TCP", 8443)
+    (listener,) = [l for l in synth.resources("AWS::ElasticLoadBalancingV2::Listener") if l["Protocol"] == "TCP"]
+    assert listener["Port"] == 8443
     idle = int(_attrs(listener, "ListenerAttributes")["tcp.idle_timeout.seconds"])
     assert idle > _seconds(synth.toml["listener"][0]["keepalive_time"])
 
@@ -235,11 +237,20 @@ def _rules(s: Synth, direction: str) -> list[dict]:
 
 def test_security_groups_admit_8443_and_8989_from_the_vpc_only(synth):
     vpc = ipaddress.ip_network(synth.settings.vpc_cidr)
-    rules = _rules(synth, "ingress")
+    rules = [r for r in _rules(synth, "ingress") if r["IpProtocol"] == "tcp"]
     assert sorted(r["FromPort"] for r in rules) == [8443, 8989]
     for r in rules:
-        assert r["IpProtocol"] == "tcp" and r["FromPort"] == r["ToPort"], r
+        assert r["FromPort"] == r["ToPort"], r
         assert "CidrIp" in r and ipaddress.ip_network(r["CidrIp"]).subnet_of(vpc), r
+    udp = [r for r in _rules(synth, "ingress") if r["IpProtocol"] == "udp"]
+    if not synth.settings.udp:
+        assert udp == []
+        return
+    # QUIC: the VPC (PrivateLink, the NLB's addresses) and the configured
+    # client ranges (client IPs are preserved on UDP), on the UDP port only.
+    port = synth.settings.udp_port
+    assert {(r["FromPort"], r["ToPort"]) for r in udp} == {(port, port)}
+    assert sorted(r["CidrIp"] for r in udp) == sorted([synth.settings.vpc_cidr, *synth.settings.udp_client_networks])
 
 
 def test_security_groups_let_out_only_agents_and_s3(synth):
@@ -249,6 +260,13 @@ def test_security_groups_let_out_only_agents_and_s3(synth):
         if "DestinationPrefixListId" in r:
             # The S3 prefix list, for the boot download through the gateway endpoint.
             assert (r["IpProtocol"], r["FromPort"], r["ToPort"]) == ("tcp", 443, 443), r
+            continue
+        if r["IpProtocol"] == "udp":
+            # QUIC to the agents' quic-port, only with the QUIC side on.
+            assert synth.settings.udp, r
+            port = synth.settings.udp_port
+            assert (r["FromPort"], r["ToPort"]) == (port, port), r
+            assert r["CidrIp"] in agents, r
             continue
         assert (r["IpProtocol"], r["FromPort"], r["ToPort"]) == ("tcp", 8443, 8443), r
         assert r["CidrIp"] in agents, r
@@ -390,7 +408,8 @@ BAD = [
     ({"drainGraceSeconds": 20}, "drainGraceSeconds: 20 s must exceed"),
     ({"deregistrationDelaySeconds": 120}, "deregistrationDelaySeconds: 120 s is below drainTimeoutSeconds"),
     ({"keepaliveSeconds": 400}, "keepaliveSeconds: 400 s must be below nlbIdleTimeoutSeconds"),
-    ({"udp": True}, "udp: this example deploys the TCP side only"),
+    ({"udp": True, "udpPort": 8443}, "udpPort: 8443 is taken"),
+    ({"udpClientNetworks": ["192.0.2.0/24"]}, 'udpClientNetworks: only with "udp": true'),
     ({"minInstances": 1}, "minInstances: 1 is fewer than one per availability zone"),
     ({"agentNetworks": []}, "agentNetworks: list the CIDRs"),
     ({"agentNetworks": ["10.150.248.1/24"]}, "agentNetworks: 10.150.248.1/24 has host bits set"),
@@ -429,3 +448,33 @@ def test_app_exits_with_the_reason(tmp_path):
     assert run.returncode != 0
     assert "config.json: keepaliveSeconds: 400 s must be below" in run.stderr
     assert not (tmp_path / "out").exists()
+
+
+# -- the optional QUIC side -----------------------------------------------------------
+
+
+def test_the_quic_side_is_off_by_default_and_whole_when_on(synth):
+    udp_listeners = [l for l in synth.resources("AWS::ElasticLoadBalancingV2::Listener") if l["Protocol"] == "UDP"]
+    udp_groups = [t for t in synth.resources("AWS::ElasticLoadBalancingV2::TargetGroup") if t["Protocol"] == "UDP"]
+    if not synth.settings.udp:
+        assert udp_listeners == [] and udp_groups == []
+        assert "udp_listener" not in synth.toml
+        return
+    port = synth.settings.udp_port
+    # A plain UDP listener on a port of its own (not TCP_UDP, not QUIC).
+    (listener,) = udp_listeners
+    assert listener["Port"] == port
+    (tg,) = udp_groups
+    assert (tg["Port"], tg["TargetType"]) == (port, "instance")
+    # Health: the admin port's /health, as for TCP: a drain shows on both.
+    assert (tg["HealthCheckProtocol"], tg["HealthCheckPort"], tg["HealthCheckPath"]) == ("HTTP", "8989", "/health")
+    attrs = _attrs(tg)
+    assert attrs["deregistration_delay.connection_termination.enabled"] == "false"
+    assert "preserve_client_ip.enabled" not in attrs, "cannot be turned off on UDP target groups"
+    (relay,) = synth.toml["udp_listener"]
+    assert relay["bind"] == [f"0.0.0.0:{port}"]
+    assert relay["agent_port"] == port
+    assert relay["lb_networks"] == [synth.settings.vpc_cidr]
+    assert _seconds(relay["idle_timeout"]) > 120, "above the NLB's UDP flow timeout"
+    # The socket buffers the relay asks for.
+    assert "net.core.rmem_max = 4194304" in _script(synth)
